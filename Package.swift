@@ -1,0 +1,74 @@
+// swift-tools-version:6.2
+import PackageDescription
+
+let strictSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "Tidemark",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "tidemark", targets: ["tidemark"]),
+        .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
+        .library(name: "BlockStorage", targets: ["BlockStorage"]),
+        .library(name: "TidemarkServer", targets: ["TidemarkServer"]),
+        .library(name: "NBDClient", targets: ["NBDClient"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+    ],
+    targets: [
+        // Linux calls that Glibc's Swift module hides (fallocate, SEEK_DATA/HOLE, preadv2).
+        .target(name: "CLinuxIO"),
+        // Images: raw files and block devices. Knows nothing of NBD.
+        .target(name: "BlockStorage", dependencies: ["CLinuxIO"], swiftSettings: strictSettings),
+        // Sans-IO NBD wire protocol: codecs and state machines.
+        .target(
+            name: "NBDProtocol",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strictSettings
+        ),
+        // NIO pipeline, exports and request execution.
+        .target(
+            name: "TidemarkServer",
+            dependencies: [
+                "NBDProtocol", "BlockStorage", "CLinuxIO",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // libnbd, the C client library behind nbdinfo, nbdcopy and fio's nbd engine.
+        .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+        .target(name: "NBDClient", dependencies: ["CLibNBD"], swiftSettings: strictSettings),
+        .executableTarget(
+            name: "tidemark",
+            dependencies: [
+                "TidemarkServer", "BlockStorage",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "NBDProtocolTests",
+            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "BlockStorageTests",
+            dependencies: ["BlockStorage"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["NBDClient"],
+            swiftSettings: strictSettings
+        ),
+    ]
+)
