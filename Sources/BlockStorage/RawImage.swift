@@ -1,0 +1,246 @@
+import CLinuxIO
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A raw disk image: a regular file or a block device, addressed by byte offsets.
+///
+/// One open file descriptor serves every caller at once: `pread`/`pwrite` at explicit
+/// offsets are thread-safe, so the server's event loops and its I/O pool share it without
+/// locks. The type is immutable after opening, hence `Sendable`.
+public final class RawImage: Sendable {
+    /// The path the image was opened from.
+    public let path: String
+    /// Size in bytes: the file's size, or the block device's capacity.
+    public let size: UInt64
+    /// True when the image refused writes at open time.
+    public let isReadOnly: Bool
+    /// True for block devices (no SEEK_DATA/SEEK_HOLE, size from BLKGETSIZE64).
+    public let isBlockDevice: Bool
+    private let fd: Int32
+    /// Set once the kernel refuses RWF_NOWAIT writes on this file.
+    private let nonBlockingWritesUnsupported = Atomic<Bool>(false)
+
+    /// Opens an existing image.
+    /// - Parameters:
+    ///   - path: a regular file or a block device.
+    ///   - readOnly: open with `O_RDONLY`; every mutating call then throws `.readOnly`.
+    public init(path: String, readOnly: Bool) throws(StorageError) {
+        let flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
+        let fd = Glibc.open(path, flags)
+        guard fd >= 0 else { throw .openFailed(path: path, errno: Glibc.errno) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let code = Glibc.errno
+            close(fd)
+            throw .openFailed(path: path, errno: code)
+        }
+        let kind = info.st_mode & S_IFMT
+        if kind == S_IFBLK {
+            var bytes: UInt64 = 0
+            guard clinuxio_block_device_size(fd, &bytes) == 0 else {
+                let code = Glibc.errno
+                close(fd)
+                throw .openFailed(path: path, errno: code)
+            }
+            self.size = bytes
+            self.isBlockDevice = true
+        } else if kind == S_IFREG {
+            self.size = UInt64(max(0, info.st_size))
+            self.isBlockDevice = false
+        } else {
+            close(fd)
+            throw .unsupportedFileType(path: path)
+        }
+        self.fd = fd
+        self.path = path
+        self.isReadOnly = readOnly
+    }
+
+    /// Creates a sparse regular file of `size` bytes if nothing exists at `path`.
+    /// - Returns: true when a file was created.
+    @discardableResult
+    public static func createSparseFileIfMissing(path: String, size: UInt64) throws(StorageError) -> Bool {
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        if fd < 0 {
+            let code = Glibc.errno
+            if code == EEXIST { return false }
+            throw .openFailed(path: path, errno: code)
+        }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(size)) == 0 else { throw .ioFailed(operation: "ftruncate", errno: Glibc.errno) }
+        return true
+    }
+
+    deinit {
+        close(fd)
+    }
+
+    // MARK: - Reads
+
+    /// Reads exactly `buffer.count` bytes at `offset`, blocking on disk I/O if needed.
+    /// Bytes past the end of a file that shrank underneath us read as zeroes.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw .ioFailed(operation: "pread", errno: Glibc.errno)
+            }
+            if n == 0 {
+                UnsafeMutableRawBufferPointer(rebasing: buffer[done...]).initializeMemory(as: UInt8.self, repeating: 0)
+                return
+            }
+            done += n
+        }
+    }
+
+    /// Reads from the page cache only, never waiting for the disk.
+    /// - Returns: true when the whole range was read; false when any of it would block
+    ///   (the caller then repeats the read with `read(into:at:)` off the event loop).
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        guard let base = buffer.baseAddress else { return true }
+        let n = clinuxio_pread_nowait(fd, base, buffer.count, off_t(offset))
+        return n == buffer.count
+    }
+
+    // MARK: - Writes
+
+    /// Writes all of `bytes` at `offset`.
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        guard !isReadOnly else { throw .readOnly }
+        guard let base = bytes.baseAddress else { return }
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(fd, base + done, bytes.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw .ioFailed(operation: "pwrite", errno: Glibc.errno)
+            }
+            done += n
+        }
+    }
+
+    /// Writes what the kernel accepts without blocking (`pwritev2(RWF_NOWAIT)`), so an
+    /// event loop can write into the page cache inline and hand only the rest to a pool.
+    /// File systems without non-blocking buffered writes get a plain `pwrite`, which into
+    /// the page cache does not wait for the disk either.
+    /// - Returns: bytes written (possibly 0); the caller writes the rest with `write(_:at:)`.
+    public func writeIfNonBlocking(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Int {
+        guard !isReadOnly, let base = bytes.baseAddress else { return 0 }
+        if nonBlockingWritesUnsupported.load(ordering: .relaxed) {
+            let n = pwrite(fd, base, bytes.count, off_t(offset))
+            return max(n, 0)
+        }
+        let n = clinuxio_pwrite_nowait(fd, base, bytes.count, off_t(offset))
+        if n >= 0 { return n }
+        if Glibc.errno == EOPNOTSUPP || Glibc.errno == EINVAL {
+            nonBlockingWritesUnsupported.store(true, ordering: .relaxed)
+            return max(pwrite(fd, base, bytes.count, off_t(offset)), 0)
+        }
+        return 0
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    public func flush() throws(StorageError) {
+        guard fdatasync(fd) == 0 else { throw .ioFailed(operation: "fdatasync", errno: Glibc.errno) }
+    }
+
+    /// Discards a range: the data is gone and the space is returned where the file system
+    /// can (a hole in a file, a discard on a device). Reads afterwards return zeroes.
+    public func discard(at offset: UInt64, length: UInt64) throws(StorageError) {
+        guard !isReadOnly else { throw .readOnly }
+        guard length > 0 else { return }
+        if clinuxio_punch_hole(fd, off_t(offset), off_t(length)) == 0 { return }
+        let code = Glibc.errno
+        if code == EOPNOTSUPP || code == ENOSYS {
+            throw .notSupported(operation: "punching a hole")
+        }
+        throw .ioFailed(operation: "fallocate(PUNCH_HOLE)", errno: code)
+    }
+
+    /// Makes a range read as zeroes.
+    /// - Parameters:
+    ///   - allowHole: the range may become a hole (sparse); false keeps it allocated.
+    ///   - fastOnly: fail with `.notSupported` rather than write zero buffers.
+    public func writeZeroes(at offset: UInt64, length: UInt64, allowHole: Bool, fastOnly: Bool) throws(StorageError) {
+        guard !isReadOnly else { throw .readOnly }
+        guard length > 0 else { return }
+        if allowHole {
+            if clinuxio_punch_hole(fd, off_t(offset), off_t(length)) == 0 { return }
+            let code = Glibc.errno
+            if code != EOPNOTSUPP && code != ENOSYS && code != EINVAL {
+                throw .ioFailed(operation: "fallocate(PUNCH_HOLE)", errno: code)
+            }
+        }
+        if clinuxio_zero_range(fd, off_t(offset), off_t(length)) == 0 { return }
+        let code = Glibc.errno
+        if code != EOPNOTSUPP && code != ENOSYS && code != EINVAL {
+            throw .ioFailed(operation: "fallocate(ZERO_RANGE)", errno: code)
+        }
+        if fastOnly { throw .notSupported(operation: "fast zeroing") }
+        try writeZeroBuffers(at: offset, length: length)
+    }
+
+    private func writeZeroBuffers(at offset: UInt64, length: UInt64) throws(StorageError) {
+        let chunk = Int(min(length, 1 << 20))
+        let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { zeroes.deallocate() }
+        zeroes.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(chunk), length - done))
+            try write(UnsafeRawBufferPointer(rebasing: zeroes[0..<n]), at: offset + done)
+            done += UInt64(n)
+        }
+    }
+
+    /// Asks the kernel to start reading a range into the page cache (advisory).
+    public func prefetch(at offset: UInt64, length: UInt64) {
+        _ = clinuxio_fadvise_willneed(fd, off_t(offset), off_t(length))
+    }
+
+    // MARK: - Allocation
+
+    /// Describes which parts of `[offset, offset+length)` are data and which are holes.
+    ///
+    /// Uses `SEEK_DATA`/`SEEK_HOLE`; block devices and file systems without them report
+    /// everything as data, which is always a safe answer.
+    /// - Parameter maxExtents: stop after this many runs; the caller asks again for the rest.
+    public func allocationExtents(at offset: UInt64, length: UInt64, maxExtents: Int) -> [AllocationExtent] {
+        let end = min(offset + length, size)
+        guard offset < end else { return [] }
+        if isBlockDevice { return [AllocationExtent(length: end - offset, isHole: false)] }
+        var extents: [AllocationExtent] = []
+        var position = offset
+        while position < end && extents.count < maxExtents {
+            let data = clinuxio_seek_data(fd, off_t(position))
+            if data < 0 {
+                if Glibc.errno == ENXIO {
+                    // No data from here to EOF (or the file shrank): the rest is a hole.
+                    extents.append(AllocationExtent(length: end - position, isHole: true))
+                } else {
+                    extents.append(AllocationExtent(length: end - position, isHole: false))
+                }
+                break
+            }
+            let dataStart = UInt64(data)
+            if dataStart > position {
+                let holeEnd = min(dataStart, end)
+                extents.append(AllocationExtent(length: holeEnd - position, isHole: true))
+                position = holeEnd
+                continue
+            }
+            let hole = clinuxio_seek_hole(fd, off_t(position))
+            let holeStart = hole < 0 ? end : min(UInt64(hole), end)
+            let dataEnd = max(holeStart, position + 1)
+            extents.append(AllocationExtent(length: min(dataEnd, end) - position, isHole: false))
+            position = min(dataEnd, end)
+        }
+        return extents
+    }
+}

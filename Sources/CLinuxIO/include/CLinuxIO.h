@@ -1,0 +1,34 @@
+#ifndef CLINUXIO_H
+#define CLINUXIO_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/// Reads from the page cache only: returns the byte count, or -1 with errno EAGAIN when
+/// the data would need disk I/O (preadv2 with RWF_NOWAIT).
+ssize_t clinuxio_pread_nowait(int fd, void *buf, size_t count, off_t offset);
+
+/// pwritev2 with RWF_NOWAIT: -1/EAGAIN when the write would block.
+ssize_t clinuxio_pwrite_nowait(int fd, const void *buf, size_t count, off_t offset);
+
+/// fallocate(PUNCH_HOLE|KEEP_SIZE).
+int clinuxio_punch_hole(int fd, off_t offset, off_t length);
+
+/// fallocate(ZERO_RANGE|KEEP_SIZE).
+int clinuxio_zero_range(int fd, off_t offset, off_t length);
+
+/// lseek(SEEK_DATA) and lseek(SEEK_HOLE).
+off_t clinuxio_seek_data(int fd, off_t offset);
+off_t clinuxio_seek_hole(int fd, off_t offset);
+
+/// Size of a block device (BLKGETSIZE64); -1 with errno on failure.
+int clinuxio_block_device_size(int fd, uint64_t *size);
+
+/// posix_fadvise(WILLNEED); returns 0 or an errno value.
+int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length);
+
+/// True when the fd refers to a block device.
+int clinuxio_is_block_device(int fd);
+
+#endif

@@ -1,0 +1,47 @@
+#define _GNU_SOURCE
+#include "CLinuxIO.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+ssize_t clinuxio_pread_nowait(int fd, void *buf, size_t count, off_t offset) {
+    struct iovec iov = { .iov_base = buf, .iov_len = count };
+    return preadv2(fd, &iov, 1, offset, RWF_NOWAIT);
+}
+
+ssize_t clinuxio_pwrite_nowait(int fd, const void *buf, size_t count, off_t offset) {
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = count };
+    return pwritev2(fd, &iov, 1, offset, RWF_NOWAIT);
+}
+
+int clinuxio_punch_hole(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+int clinuxio_zero_range(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+off_t clinuxio_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
+
+off_t clinuxio_seek_hole(int fd, off_t offset) { return lseek(fd, offset, SEEK_HOLE); }
+
+int clinuxio_block_device_size(int fd, uint64_t *size) {
+    return ioctl(fd, BLKGETSIZE64, size);
+}
+
+int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length) {
+    return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
+}
+
+int clinuxio_is_block_device(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return 0;
+    return S_ISBLK(st.st_mode) ? 1 : 0;
+}

@@ -1,0 +1,88 @@
+import NIOCore
+
+/// Turns a context's extents into one BLOCK_STATUS chunk that every client accepts.
+///
+/// Extents are fed in order from the request offset. The builder merges neighbours with
+/// equal flags, never emits a zero-length extent, clips the last extent to the request end
+/// (and so never passes the export end), keeps exactly one extent under REQ_ONE, and caps
+/// the count so a reply stays bounded. The qemu 7.2 client always sends REQ_ONE and
+/// rejects chunks over 1000 bytes; a single extent is 12 bytes.
+public struct BlockStatusBuilder {
+    /// Most extents in one chunk (as qemu's server); clients ask again for the rest.
+    public static let maximumExtents = 1 << 16
+
+    public let contextID: UInt32
+    public let requestEnd: UInt64
+    private let limit: Int
+    private var position: UInt64
+    private var extents: [(length: UInt32, flags: UInt32)] = []
+    private var pendingLength: UInt64 = 0
+    private var pendingFlags: UInt32 = 0
+
+    /// - Parameters:
+    ///   - contextID: the id the client got for this context in SET_META_CONTEXT.
+    ///   - offset, length: the request's range (already checked against the export size).
+    ///   - requestOne: the REQ_ONE flag.
+    public init(contextID: UInt32, offset: UInt64, length: UInt32, requestOne: Bool) {
+        self.contextID = contextID
+        self.position = offset
+        self.requestEnd = offset + UInt64(length)
+        self.limit = requestOne ? 1 : Self.maximumExtents
+        extents.reserveCapacity(requestOne ? 1 : 16)
+    }
+
+    /// False once the chunk is full or covers the request; stop feeding then.
+    public var wantsMore: Bool { extents.count < limit && position + pendingLength < requestEnd }
+
+    /// The offset the next extent fed must start at.
+    public var nextOffset: UInt64 { position + pendingLength }
+
+    /// Adds the next run of `length` bytes with `flags`.
+    public mutating func append(length: UInt64, flags: UInt32) {
+        guard wantsMore, length > 0 else { return }
+        let clipped = min(length, requestEnd - nextOffset)
+        if pendingLength > 0 && flags == pendingFlags {
+            pendingLength += clipped
+        } else {
+            flushPending()
+            pendingFlags = flags
+            pendingLength = clipped
+        }
+        // Each wire extent length is a u32: split very long runs.
+        while pendingLength > UInt64(UInt32.max) && extents.count < limit {
+            let piece: UInt64 = UInt64(UInt32.max) & ~UInt64(0xFFFF)
+            extents.append((UInt32(piece), pendingFlags))
+            position += piece
+            pendingLength -= piece
+        }
+    }
+
+    private mutating func flushPending() {
+        guard pendingLength > 0, extents.count < limit else { return }
+        extents.append((UInt32(pendingLength), pendingFlags))
+        position += pendingLength
+        pendingLength = 0
+    }
+
+    /// Writes the chunk. If nothing was fed, one extent covering the request with
+    /// `fallbackFlags` is sent, so the chunk is never empty.
+    public mutating func write(cookie: UInt64, done: Bool, fallbackFlags: UInt32, into buffer: inout ByteBuffer) {
+        flushPending()
+        if extents.isEmpty {
+            extents.append((UInt32(min(requestEnd - position, UInt64(UInt32.max) & ~UInt64(0xFFFF))), fallbackFlags))
+        }
+        let length = UInt32(4 + 8 * extents.count)
+        NBDReplyEncoder.writeChunkHeader(
+            cookie: cookie, type: NBDChunkType.blockStatus, done: done, length: length, into: &buffer)
+        buffer.writeInteger(contextID)
+        for extent in extents {
+            buffer.writeMultipleIntegers(extent.length, extent.flags)
+        }
+    }
+}
+
+/// Flags of the `base:allocation` context.
+public enum NBDAllocationFlags {
+    public static let hole: UInt32 = 1
+    public static let zero: UInt32 = 2
+}

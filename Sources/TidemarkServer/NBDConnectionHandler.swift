@@ -1,0 +1,301 @@
+import Logging
+import NBDProtocol
+import NIOCore
+import NIOPosix
+
+/// Asks a connection to wind down: finish what is in flight, then close.
+public struct ConnectionShouldQuiesceEvent: Sendable {
+    public init() {}
+}
+
+/// One client connection: feeds bytes to the handshake and transmission state machines
+/// and carries out what they decide. It makes no protocol decisions of its own.
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum Phase {
+        case handshake(HandshakeStateMachine)
+        case transmission(TransmissionStateMachine, CommandExecutor)
+        case closed
+    }
+
+    private let registry: ExportRegistry
+    private let pool: NIOThreadPool
+    private let handshakeTimeout: TimeAmount
+    private var logger: Logger
+
+    private var phase: Phase = .handshake(HandshakeStateMachine())
+    private var decoder = NBDRequestDecoder()
+    private var received: ByteBuffer?
+    private var timeoutTask: Scheduled<Void>?
+    private var flushPending = false
+    private var flushScheduled = false
+    private var readPending = false
+    private var quiescing = false
+
+    init(registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, logger: Logger) {
+        self.registry = registry
+        self.pool = pool
+        self.handshakeTimeout = handshakeTimeout
+        self.logger = logger
+    }
+
+    // MARK: - Lifecycle
+
+    func channelActive(context: ChannelHandlerContext) {
+        if let remote = context.remoteAddress { logger[metadataKey: "peer"] = "\(remote)" }
+        if case .handshake(let machine) = phase {
+            var greeting = context.channel.allocator.buffer(capacity: 18)
+            machine.writeGreeting(into: &greeting)
+            context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        }
+        let loop = context.eventLoop.assumeIsolated()
+        timeoutTask = loop.scheduleTask(in: handshakeTimeout) { [weak self] in
+            guard let self, case .handshake = self.phase else { return }
+            self.logger.info("handshake timed out")
+            self.close(context: context)
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timeoutTask?.cancel()
+        timeoutTask = nil
+        phase = .closed
+        received = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.debug("connection error: \(error)")
+        close(context: context)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is ConnectionShouldQuiesceEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        quiescing = true
+        switch phase {
+        case .handshake:
+            close(context: context)
+        case .transmission(let machine, _):
+            if machine.inFlight == 0 { close(context: context) }
+        case .closed:
+            break
+        }
+    }
+
+    // MARK: - Inbound bytes
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if received == nil || received?.readableBytes == 0 {
+            received = incoming
+        } else {
+            received?.discardReadBytes()
+            received?.writeBuffer(&incoming)
+        }
+        processReceived(context: context)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flushIfNeeded(context: context)
+        context.fireChannelReadComplete()
+    }
+
+    private func processReceived(context: ChannelHandlerContext) {
+        guard var buffer = received else { return }
+        received = nil
+        runStateMachines(&buffer, context: context)
+        if case .closed = phase { return }
+        guard buffer.readableBytes > 0 else { return }
+        // Keep the partial message. A large WRITE gets one buffer of its final size now
+        // rather than growing through repeated appends.
+        if let needed = decoder.bytesNeeded(in: buffer), buffer.capacity - buffer.readerIndex < needed {
+            var grown = context.channel.allocator.buffer(capacity: needed)
+            grown.writeBuffer(&buffer)
+            buffer = grown
+        }
+        received = buffer
+    }
+
+    /// Feeds buffered bytes to the current phase's state machine until it needs more,
+    /// pauses, or the connection closes.
+    private func runStateMachines(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        while true {
+            switch phase {
+            case .closed:
+                return
+            case .handshake(var machine):
+                var output = context.channel.allocator.buffer(capacity: 256)
+                let action = machine.process(&buffer, catalog: registry, output: &output)
+                phase = .handshake(machine)
+                if output.readableBytes > 0 {
+                    context.write(wrapOutboundOut(output), promise: nil)
+                    flushPending = true
+                }
+                switch action {
+                case .needMoreData:
+                    return
+                case .continueNegotiating:
+                    continue
+                case .abort:
+                    close(context: context)
+                case .close(let failure):
+                    logger.info("handshake ended: \(failure)")
+                    close(context: context)
+                case .enterTransmission(let session):
+                    enterTransmission(session, context: context)
+                }
+            case .transmission(var machine, let executor):
+                guard !machine.shouldPauseReading else { return }
+                switch decoder.decode(&buffer) {
+                case .needMoreData:
+                    return
+                case .protocolViolation(let error):
+                    logger.info("closing connection: \(error)")
+                    close(context: context)
+                case .request(let request):
+                    let disposition = machine.received(request)
+                    phase = .transmission(machine, executor)
+                    handle(disposition, executor: executor, context: context)
+                }
+            }
+        }
+    }
+
+    private func enterTransmission(_ session: NBDSession, context: ChannelHandlerContext) {
+        timeoutTask?.cancel()
+        timeoutTask = nil
+        guard let export = registry.export(named: session.exportName) else {
+            close(context: context)
+            return
+        }
+        logger[metadataKey: "export"] = "\(session.exportName)"
+        logger.debug("transmission started")
+        let executor = CommandExecutor(
+            export: export, session: session, allocator: context.channel.allocator, pool: pool,
+            eventLoop: context.eventLoop)
+        phase = .transmission(TransmissionStateMachine(session: session), executor)
+    }
+
+    // MARK: - Requests
+
+    private func handle(_ disposition: RequestDisposition, executor: CommandExecutor, context: ChannelHandlerContext) {
+        let cost = TransmissionStateMachine.cost(of: disposition)
+        switch disposition {
+        case .disconnect:
+            logger.debug("client disconnected")
+            if case .transmission(let machine, _) = phase, machine.canCloseNow { close(context: context) }
+        case .reject(let cookie, let command, let error, let message):
+            logger.debug("request refused: \(message)")
+            var reply = context.channel.allocator.buffer(capacity: 64)
+            NBDReplyEncoder.writeError(
+                cookie: cookie, command: command, error: error, message: message,
+                structured: executor.session.structuredReplies, into: &reply)
+            send(reply, cost: cost, context: context)
+        case .execute(let cookie, let command):
+            switch executor.execute(command, cookie: cookie) {
+            case .reply(let reply):
+                send(reply, cost: cost, context: context)
+            case .pending(let future):
+                future.assumeIsolated().whenComplete { [weak self] result in
+                    guard let self else { return }
+                    switch result {
+                    case .success(let reply):
+                        self.send(reply, cost: cost, context: context)
+                        self.scheduleFlush(context: context)
+                    case .failure(let error):
+                        // Only a pool that is shutting down fails; the connection cannot go on.
+                        self.logger.info("I/O pool unavailable: \(error)")
+                        self.close(context: context)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one reply and updates the in-flight count.
+    private func send(_ reply: ByteBuffer, cost: UInt64, context: ChannelHandlerContext) {
+        guard case .transmission(var machine, let executor) = phase else { return }
+        context.write(wrapOutboundOut(reply), promise: nil)
+        flushPending = true
+        let action = machine.completed(cost: cost)
+        phase = .transmission(machine, executor)
+        switch action {
+        case .none:
+            if quiescing && machine.inFlight == 0 { close(context: context) }
+        case .close:
+            close(context: context)
+        case .resumeReading:
+            resumeReading(context: context)
+        }
+    }
+
+    // MARK: - Flow control
+
+    func read(context: ChannelHandlerContext) {
+        if case .transmission(let machine, _) = phase,
+            machine.shouldPauseReading || quiescing || !context.channel.isWritable
+        {
+            readPending = true
+            return
+        }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            resumeReading(context: context)
+        } else {
+            // Replies are piling up: push them out now rather than at the end of the tick.
+            flushIfNeeded(context: context)
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    private func resumeReading(context: ChannelHandlerContext) {
+        // Requests already buffered run first; then the socket is read again.
+        processReceived(context: context)
+        if readPending, case .transmission(let machine, _) = phase, !machine.shouldPauseReading,
+            context.channel.isWritable, !quiescing
+        {
+            readPending = false
+            context.read()
+        }
+    }
+
+    private func scheduleFlush(context: ChannelHandlerContext) {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        context.eventLoop.assumeIsolated().execute { [weak self] in
+            guard let self else { return }
+            self.flushScheduled = false
+            self.flushIfNeeded(context: context)
+        }
+    }
+
+    private func flushIfNeeded(context: ChannelHandlerContext) {
+        guard flushPending else { return }
+        flushPending = false
+        context.flush()
+    }
+
+    private func close(context: ChannelHandlerContext) {
+        if case .closed = phase { return }
+        phase = .closed
+        received = nil
+        timeoutTask?.cancel()
+        timeoutTask = nil
+        flushPending = false
+        context.flush()
+        context.close(promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension NBDConnectionHandler: Sendable {}

@@ -1,0 +1,155 @@
+import BlockStorage
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// A running NBD server: its listeners, its connections and the threads behind them.
+///
+/// The data path lives in `NBDConnectionHandler`; this type only binds sockets, enforces
+/// the connection limit and coordinates a graceful stop.
+public final class NBDServer: Sendable {
+    /// A socket the server listens on, with an address a client can paste.
+    public struct BoundListener: Sendable {
+        public let listener: ServerConfiguration.Listener
+        /// The TCP port actually bound (useful when port 0 was asked for).
+        public let port: Int?
+
+        /// A libnbd/qemu URI for `exportName` on this listener.
+        public func uri(exportName: String) -> String {
+            switch listener {
+            case .tcp(let host, _):
+                let shownHost = host.contains(":") ? "[\(host)]" : host
+                return "nbd://\(shownHost):\(port ?? 10809)/\(exportName)"
+            case .unix(let path):
+                return "nbd+unix:///\(exportName)?socket=\(path)"
+            case .inherited(let descriptor):
+                return "inherited socket fd \(descriptor)"
+            }
+        }
+    }
+
+    public let configuration: ServerConfiguration
+    public let registry: ExportRegistry
+    private let logger: Logger
+    private let group: MultiThreadedEventLoopGroup
+    private let pool: NIOThreadPool
+    private let serverChannels = Mutex<[any Channel]>([])
+    private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
+
+    public init(configuration: ServerConfiguration, registry: ExportRegistry, logger: Logger) {
+        self.configuration = configuration
+        self.registry = registry
+        self.logger = logger
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopCount))
+        self.pool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadCount))
+    }
+
+    /// Number of client connections open now.
+    public var connectionCount: Int { connections.withLock { $0.count } }
+
+    /// Binds every listener and starts accepting clients.
+    public func start() async throws -> [BoundListener] {
+        pool.start()
+        var bound: [BoundListener] = []
+        for listener in configuration.listeners {
+            let channel: any Channel
+            do {
+                channel = try await bind(listener)
+            } catch {
+                throw ServerError.bindFailed(address: "\(listener)", reason: "\(error)")
+            }
+            serverChannels.withLock { $0.append(channel) }
+            bound.append(BoundListener(listener: listener, port: channel.localAddress?.port))
+        }
+        return bound
+    }
+
+    private func bind(_ listener: ServerConfiguration.Listener) async throws -> any Channel {
+        let bootstrap = makeBootstrap()
+        switch listener {
+        case .tcp(let host, let port):
+            return try await bootstrap.bind(host: host, port: port).get()
+        case .unix(let path):
+            return try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        case .inherited(let descriptor):
+            return try await bootstrap.withBoundSocket(descriptor).get()
+        }
+    }
+
+    private func makeBootstrap() -> ServerBootstrap {
+        let registry = self.registry
+        let pool = self.pool
+        let logger = self.logger
+        let timeout = configuration.handshakeTimeout
+        return ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 2 << 20))
+            .childChannelOption(.maxMessagesPerRead, value: 8)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 2 << 20, high: 8 << 20))
+            .childChannelOption(.allowRemoteHalfClosure, value: false)
+            .childChannelInitializer { [weak self] channel in
+                guard let self, self.admit(channel) else {
+                    return channel.close()
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        NBDConnectionHandler(registry: registry, pool: pool, handshakeTimeout: timeout, logger: logger))
+                }
+            }
+    }
+
+    /// Registers a new connection unless the limit is reached.
+    private func admit(_ channel: any Channel) -> Bool {
+        let id = ObjectIdentifier(channel)
+        let admitted = connections.withLock { open in
+            guard open.count < configuration.maximumConnections else { return false }
+            open[id] = channel
+            return true
+        }
+        guard admitted else {
+            logger.warning("connection limit of \(configuration.maximumConnections) reached; refusing a client")
+            return false
+        }
+        channel.closeFuture.whenComplete { [weak self] _ in
+            _ = self?.connections.withLock { $0.removeValue(forKey: id) }
+        }
+        return true
+    }
+
+    /// Stops gracefully: no new clients, in-flight requests finish, images are flushed.
+    /// - Parameter deadline: connections still open after this long are closed anyway.
+    public func shutdown(deadline: TimeAmount = .seconds(30)) async {
+        let listeners = serverChannels.withLock { channels in
+            defer { channels = [] }
+            return channels
+        }
+        for channel in listeners {
+            try? await channel.close().get()
+        }
+        let open = connections.withLock { Array($0.values) }
+        for channel in open {
+            channel.pipeline.fireUserInboundEventTriggered(ConnectionShouldQuiesceEvent())
+        }
+        let start = ContinuousClock.now
+        let limit = Duration.nanoseconds(deadline.nanoseconds)
+        while connectionCount > 0 && ContinuousClock.now - start < limit {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        for channel in connections.withLock({ Array($0.values) }) {
+            try? await channel.close().get()
+        }
+        for export in registry.all where !export.isReadOnly {
+            do {
+                try export.image.flush()
+            } catch {
+                logger.error("flushing export '\(export.name)' failed: \(error)")
+            }
+        }
+        try? await pool.shutdownGracefully()
+        try? await group.shutdownGracefully()
+    }
+}

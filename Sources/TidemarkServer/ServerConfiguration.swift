@@ -1,0 +1,38 @@
+import NIOCore
+
+/// Where and how a server listens.
+public struct ServerConfiguration: Sendable {
+    /// One listening socket.
+    public enum Listener: Sendable, Equatable {
+        /// TCP on `host:port`.
+        case tcp(host: String, port: Int)
+        /// A Unix domain socket at `path` (an existing socket file is replaced).
+        case unix(path: String)
+        /// An already-listening socket inherited from systemd socket activation.
+        case inherited(descriptor: Int32)
+    }
+
+    public var listeners: [Listener]
+    /// Connections beyond this are closed at once.
+    public var maximumConnections: Int
+    /// A client that has not chosen an export by then is disconnected.
+    public var handshakeTimeout: TimeAmount
+    /// Event loops (one per core by default).
+    public var eventLoopCount: Int
+    /// Threads for cache misses, syncs and allocation changes.
+    public var ioThreadCount: Int
+
+    public init(
+        listeners: [Listener],
+        maximumConnections: Int = 1024,
+        handshakeTimeout: TimeAmount = .seconds(10),
+        eventLoopCount: Int = System.coreCount,
+        ioThreadCount: Int = 4
+    ) {
+        self.listeners = listeners
+        self.maximumConnections = maximumConnections
+        self.handshakeTimeout = handshakeTimeout
+        self.eventLoopCount = eventLoopCount
+        self.ioThreadCount = ioThreadCount
+    }
+}

@@ -1,0 +1,16 @@
+/// Errors from configuring or starting the server, worded for the person running it.
+public enum ServerError: Error, Equatable, CustomStringConvertible {
+    case duplicateExport(String)
+    case noExports
+    case bindFailed(address: String, reason: String)
+    case socketActivation(String)
+
+    public var description: String {
+        switch self {
+        case .duplicateExport(let name): return "an export named '\(name)' already exists"
+        case .noExports: return "no exports configured"
+        case .bindFailed(let address, let reason): return "cannot listen on \(address): \(reason)"
+        case .socketActivation(let reason): return "socket activation failed: \(reason)"
+        }
+    }
+}

@@ -1,0 +1,176 @@
+import ArgumentParser
+import BlockStorage
+import Dispatch
+import Logging
+import NIOCore
+import TidemarkServer
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `tidemark serve`: export images over NBD until SIGINT/SIGTERM.
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve disk images over NBD.",
+        discussion: """
+            With no IMAGE and no --export, serves ./tidemark-data/disk.img (created as a sparse \
+            1 GiB file if missing) as export 'disk' on 127.0.0.1:10809. With --unix alone it \
+            listens only on that Unix socket. Under systemd socket activation (LISTEN_FDS) it \
+            serves the inherited socket instead.
+            """
+    )
+
+    static let defaultImagePath = "tidemark-data/disk.img"
+    static let defaultImageSize: UInt64 = 1 << 30
+
+    @Argument(help: "Raw image file or block device to serve.")
+    var image: String?
+
+    @Option(help: "Export name for IMAGE.")
+    var name: String = "disk"
+
+    @Flag(help: "Serve IMAGE read-only.")
+    var readOnly = false
+
+    @Option(name: .customLong("export"), help: ArgumentHelp("Add an export (repeatable).", valueName: "NAME=PATH[:ro]"))
+    var exports: [String] = []
+
+    @Option(help: "Human-readable description shown in export lists.")
+    var description: String = ""
+
+    @Option(help: "Listen on this Unix socket (alone, unless --bind or --port is given too).")
+    var unix: String?
+
+    @Option(help: "TCP address to listen on.")
+    var bind: String?
+
+    @Option(help: "TCP port to listen on.")
+    var port: Int?
+
+    @Option(help: "Most client connections at once.")
+    var maxConnections: Int = 1024
+
+    @Option(help: "Seconds a client may take to choose an export.")
+    var handshakeTimeout: Int = 10
+
+    @Option(help: "Event loop threads (default: one per core).")
+    var eventLoops: Int?
+
+    @Option(help: "Threads for cache misses, syncs and allocation changes.")
+    var ioThreads: Int = 4
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func validate() throws {
+        if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
+        if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+        if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        for spec in exports { _ = try ExportSpecification(parsing: spec) }
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "tidemark")
+
+        let registry = ExportRegistry()
+        for export in try makeExports() {
+            try registry.add(export)
+        }
+        let activation = SocketActivation.fromEnvironment()
+        let configuration = ServerConfiguration(
+            listeners: activation?.listeners ?? listeners(),
+            maximumConnections: maxConnections,
+            handshakeTimeout: .seconds(Int64(handshakeTimeout)),
+            eventLoopCount: eventLoops ?? System.coreCount,
+            ioThreadCount: max(1, ioThreads)
+        )
+        let server = NBDServer(configuration: configuration, registry: registry, logger: logger)
+        let signals = SignalWaiter(signals: [SIGINT, SIGTERM])
+        let bound = try await server.start()
+        let defaultName = registry.all.first?.name ?? ""
+        for listener in bound {
+            let line = "listening on \(listener.uri(exportName: defaultName))"
+            if activation == nil {
+                print(line)
+            } else {
+                logger.info("\(line)")
+            }
+        }
+        fflush(nil)
+        let signal = await signals.wait()
+        logger.info("received signal \(signal); finishing in-flight requests")
+        await server.shutdown()
+        logger.info("stopped")
+    }
+
+    private func listeners() -> [ServerConfiguration.Listener] {
+        var result: [ServerConfiguration.Listener] = []
+        if let unix { result.append(.unix(path: unix)) }
+        if unix == nil || bind != nil || port != nil {
+            result.append(.tcp(host: bind ?? "127.0.0.1", port: port ?? 10809))
+        }
+        return result
+    }
+
+    private func makeExports() throws -> [Export] {
+        var specifications = try exports.map { try ExportSpecification(parsing: $0) }
+        if let image {
+            specifications.insert(ExportSpecification(name: name, path: image, readOnly: readOnly), at: 0)
+        } else if specifications.isEmpty {
+            try createDefaultImage()
+            specifications = [ExportSpecification(name: name, path: Self.defaultImagePath, readOnly: readOnly)]
+        }
+        return try specifications.map { specification in
+            let image = try RawImage(path: specification.path, readOnly: specification.readOnly)
+            return Export(
+                name: specification.name, description: description, image: image, readOnly: specification.readOnly)
+        }
+    }
+
+    private func createDefaultImage() throws {
+        if mkdir("tidemark-data", 0o755) != 0 && errno != EEXIST {
+            throw ValidationError("cannot create ./tidemark-data: \(String(cString: strerror(errno)))")
+        }
+        try RawImage.createSparseFileIfMissing(path: Self.defaultImagePath, size: Self.defaultImageSize)
+    }
+}
+
+/// One `--export NAME=PATH[:ro]` argument.
+struct ExportSpecification: Equatable {
+    var name: String
+    var path: String
+    var readOnly: Bool
+
+    init(name: String, path: String, readOnly: Bool) {
+        self.name = name
+        self.path = path
+        self.readOnly = readOnly
+    }
+
+    init(parsing text: String) throws {
+        guard let equals = text.firstIndex(of: "=") else {
+            throw ValidationError("--export needs NAME=PATH[:ro], got '\(text)'")
+        }
+        name = String(text[..<equals])
+        var rest = String(text[text.index(after: equals)...])
+        readOnly = false
+        if rest.hasSuffix(":ro") {
+            readOnly = true
+            rest.removeLast(3)
+        }
+        path = rest
+        guard !name.isEmpty, !path.isEmpty else {
+            throw ValidationError("--export needs a non-empty NAME and PATH, got '\(text)'")
+        }
+        guard name.utf8.count <= 4096 else { throw ValidationError("export names are limited to 4096 bytes") }
+    }
+}

@@ -1,0 +1,12 @@
+import ArgumentParser
+
+/// The `tidemark` command line: an NBD server for incremental backup.
+@main
+struct TidemarkCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tidemark",
+        abstract: "An NBD server that records every write in dirty bitmaps for incremental backup.",
+        version: "0.1.0",
+        subcommands: [ServeCommand.self]
+    )
+}
