@@ -7,9 +7,13 @@ import NIOPosix
 import Glibc
 #endif
 
-/// The reply to one command: ready now, or later when the I/O pool is done.
+/// Where the reply to one command went.
 enum CommandResult {
+    /// Appended to the connection's outgoing buffer.
+    case written
+    /// In a buffer of its own (large reads), to be written as it is.
     case reply(ByteBuffer)
+    /// Coming from the I/O pool.
     case pending(EventLoopFuture<ByteBuffer>)
 }
 
@@ -21,6 +25,8 @@ enum CommandResult {
 struct CommandExecutor {
     /// Reads at least this long look for holes and send them as OFFSET_HOLE chunks.
     static let sparseReadThreshold: UInt32 = 64 * 1024
+    /// Reads longer than this get a buffer of their own instead of growing the shared one.
+    static let sharedBufferReadLimit: UInt32 = 128 * 1024
     /// Cap on SEEK_DATA/SEEK_HOLE runs examined per request.
     static let maximumAllocationExtents = 4096
 
@@ -30,12 +36,14 @@ struct CommandExecutor {
     let pool: NIOThreadPool
     let eventLoop: any EventLoop
 
-    func execute(_ command: NBDCommand, cookie: UInt64) -> CommandResult {
+    /// Executes one command; replies that are ready at once are appended to `outbox`, so
+    /// a burst of small requests costs one buffer and one socket write.
+    func execute(_ command: NBDCommand, cookie: UInt64, outbox: inout ByteBuffer) -> CommandResult {
         switch command {
         case .read(let offset, let length, let dontFragment):
-            return read(cookie: cookie, offset: offset, length: length, dontFragment: dontFragment)
+            return read(cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
         case .write(let offset, let payload, let fua):
-            return write(cookie: cookie, offset: offset, payload: payload, fua: fua)
+            return write(cookie: cookie, offset: offset, payload: payload, fua: fua, outbox: &outbox)
         case .flush:
             return offload(cookie: cookie, command: .flush) { (image) throws(StorageError) in try image.flush() }
         case .trim(let offset, let length, let fua):
@@ -49,24 +57,20 @@ struct CommandExecutor {
             }
         case .cache(let offset, let length):
             export.image.prefetch(at: offset, length: UInt64(length))
-            return .reply(status(cookie: cookie))
+            NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
+            return .written
         case .writeZeroes(let offset, let length, let noHole, let fastZero, let fua):
             return offload(cookie: cookie, command: .writeZeroes) { (image) throws(StorageError) in
                 try image.writeZeroes(at: offset, length: UInt64(length), allowHole: !noHole, fastOnly: fastZero)
                 if fua { try image.flush() }
             }
         case .blockStatus(let offset, let length, let requestOne):
-            return .reply(blockStatus(cookie: cookie, offset: offset, length: length, requestOne: requestOne))
+            blockStatus(cookie: cookie, offset: offset, length: length, requestOne: requestOne, into: &outbox)
+            return .written
         }
     }
 
     // MARK: - Replies
-
-    private func status(cookie: UInt64) -> ByteBuffer {
-        var buffer = allocator.buffer(capacity: NBDReplyEncoder.simpleHeaderSize)
-        NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
-        return buffer
-    }
 
     private static func errorReply(
         _ error: StorageError, cookie: UInt64, command: NBDCommandType, structured: Bool,
@@ -114,30 +118,41 @@ struct CommandExecutor {
 
     // MARK: - Read
 
-    private func read(cookie: UInt64, offset: UInt64, length: UInt32, dontFragment: Bool) -> CommandResult {
+    private func read(
+        cookie: UInt64, offset: UInt64, length: UInt32, dontFragment: Bool, outbox: inout ByteBuffer
+    ) -> CommandResult {
+        let image = export.image
         let plan = ReadPlan(
             cookie: cookie, offset: offset, length: length, structured: session.structuredReplies,
             holes: session.structuredReplies && !dontFragment && length >= Self.sparseReadThreshold
-                ? export.image.allocationExtents(at: offset, length: UInt64(length), maxExtents: Self.maximumAllocationExtents)
+                ? image.allocationExtents(at: offset, length: UInt64(length), maxExtents: Self.maximumAllocationExtents)
                 : nil)
-        if let reply = plan.encode(image: export.image, allocator: allocator, blocking: false) {
-            return .reply(reply)
+        if length <= Self.sharedBufferReadLimit {
+            if plan.encode(into: &outbox, image: image, blocking: false) { return .written }
+        } else {
+            var buffer = allocator.buffer(capacity: plan.replyCapacity)
+            if plan.encode(into: &buffer, image: image, blocking: false) { return .reply(buffer) }
         }
-        let image = export.image
         let allocator = self.allocator
         return .pending(pool.runIfActive(eventLoop: eventLoop) {
-            // A blocking encode never returns nil.
-            plan.encode(image: image, allocator: allocator, blocking: true) ?? ByteBuffer()
+            var buffer = allocator.buffer(capacity: plan.replyCapacity)
+            _ = plan.encode(into: &buffer, image: image, blocking: true)
+            return buffer
         })
     }
 
     // MARK: - Write
 
-    private func write(cookie: UInt64, offset: UInt64, payload: ByteBuffer, fua: Bool) -> CommandResult {
-        let image = export.image
+    private func write(
+        cookie: UInt64, offset: UInt64, payload: ByteBuffer, fua: Bool, outbox: inout ByteBuffer
+    ) -> CommandResult {
         if !fua {
+            let image = export.image
             let done = payload.withUnsafeReadableBytes { image.writeIfNonBlocking($0, at: offset) }
-            if done == payload.readableBytes { return .reply(status(cookie: cookie)) }
+            if done == payload.readableBytes {
+                NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
+                return .written
+            }
             let rest = payload.getSlice(at: payload.readerIndex + done, length: payload.readableBytes - done) ?? ByteBuffer()
             let restOffset = offset + UInt64(done)
             return offload(cookie: cookie, command: .write) { (image) throws(StorageError) in
@@ -152,9 +167,10 @@ struct CommandExecutor {
 
     // MARK: - Block status
 
-    private func blockStatus(cookie: UInt64, offset: UInt64, length: UInt32, requestOne: Bool) -> ByteBuffer {
+    private func blockStatus(
+        cookie: UInt64, offset: UInt64, length: UInt32, requestOne: Bool, into buffer: inout ByteBuffer
+    ) {
         let contexts = session.metaContexts
-        var buffer = allocator.buffer(capacity: 64)
         for (index, context) in contexts.enumerated() {
             var builder = BlockStatusBuilder(contextID: context.id, offset: offset, length: length, requestOne: requestOne)
             let done = index == contexts.count - 1
@@ -175,6 +191,5 @@ struct CommandExecutor {
                 builder.write(cookie: cookie, done: done, fallbackFlags: 1, into: &buffer)
             }
         }
-        return buffer
     }
 }

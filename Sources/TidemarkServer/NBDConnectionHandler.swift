@@ -15,9 +15,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
+    /// Transmission-phase state, held by reference so the per-request path mutates the
+    /// state machine in place instead of copying it out of an enum and back.
+    private final class Transmission {
+        var machine: TransmissionStateMachine
+        let executor: CommandExecutor
+
+        init(machine: TransmissionStateMachine, executor: CommandExecutor) {
+            self.machine = machine
+            self.executor = executor
+        }
+    }
+
     private enum Phase {
         case handshake(HandshakeStateMachine)
-        case transmission(TransmissionStateMachine, CommandExecutor)
+        case transmission(Transmission)
         case closed
     }
 
@@ -29,6 +41,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var phase: Phase = .handshake(HandshakeStateMachine())
     private var decoder = NBDRequestDecoder()
     private var received: ByteBuffer?
+    /// Replies produced during this read burst, written to the socket in one go.
+    private var outbox: ByteBuffer?
     private var timeoutTask: Scheduled<Void>?
     private var flushPending = false
     private var flushScheduled = false
@@ -82,8 +96,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         switch phase {
         case .handshake:
             close(context: context)
-        case .transmission(let machine, _):
-            if machine.inFlight == 0 { close(context: context) }
+        case .transmission(let transmission):
+            if transmission.machine.inFlight == 0 { close(context: context) }
         case .closed:
             break
         }
@@ -151,8 +165,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .enterTransmission(let session):
                     enterTransmission(session, context: context)
                 }
-            case .transmission(var machine, let executor):
-                guard !machine.shouldPauseReading else { return }
+            case .transmission(let transmission):
+                guard !transmission.machine.shouldPauseReading else { return }
                 switch decoder.decode(&buffer) {
                 case .needMoreData:
                     return
@@ -160,9 +174,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     logger.info("closing connection: \(error)")
                     close(context: context)
                 case .request(let request):
-                    let disposition = machine.received(request)
-                    phase = .transmission(machine, executor)
-                    handle(disposition, executor: executor, context: context)
+                    let disposition = transmission.machine.received(request)
+                    handle(disposition, transmission: transmission, context: context)
                 }
             }
         }
@@ -180,34 +193,44 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let executor = CommandExecutor(
             export: export, session: session, allocator: context.channel.allocator, pool: pool,
             eventLoop: context.eventLoop)
-        phase = .transmission(TransmissionStateMachine(session: session), executor)
+        phase = .transmission(Transmission(machine: TransmissionStateMachine(session: session), executor: executor))
     }
 
     // MARK: - Requests
 
-    private func handle(_ disposition: RequestDisposition, executor: CommandExecutor, context: ChannelHandlerContext) {
+    private func handle(_ disposition: RequestDisposition, transmission: Transmission, context: ChannelHandlerContext) {
         let cost = TransmissionStateMachine.cost(of: disposition)
         switch disposition {
         case .disconnect:
             logger.debug("client disconnected")
-            if case .transmission(let machine, _) = phase, machine.canCloseNow { close(context: context) }
+            if transmission.machine.canCloseNow { close(context: context) }
         case .reject(let cookie, let command, let error, let message):
             logger.debug("request refused: \(message)")
-            var reply = context.channel.allocator.buffer(capacity: 64)
-            NBDReplyEncoder.writeError(
-                cookie: cookie, command: command, error: error, message: message,
-                structured: executor.session.structuredReplies, into: &reply)
-            send(reply, cost: cost, context: context)
+            withOutbox(context: context) { outbox in
+                NBDReplyEncoder.writeError(
+                    cookie: cookie, command: command, error: error, message: message,
+                    structured: transmission.executor.session.structuredReplies, into: &outbox)
+            }
+            completed(cost: cost, transmission: transmission, context: context)
         case .execute(let cookie, let command):
-            switch executor.execute(command, cookie: cookie) {
+            let result = withOutbox(context: context) { outbox in
+                transmission.executor.execute(command, cookie: cookie, outbox: &outbox)
+            }
+            switch result {
+            case .written:
+                completed(cost: cost, transmission: transmission, context: context)
             case .reply(let reply):
-                send(reply, cost: cost, context: context)
+                context.write(wrapOutboundOut(reply), promise: nil)
+                flushPending = true
+                completed(cost: cost, transmission: transmission, context: context)
             case .pending(let future):
                 future.assumeIsolated().whenComplete { [weak self] result in
-                    guard let self else { return }
+                    guard let self, case .transmission = self.phase else { return }
                     switch result {
                     case .success(let reply):
-                        self.send(reply, cost: cost, context: context)
+                        context.write(self.wrapOutboundOut(reply), promise: nil)
+                        self.flushPending = true
+                        self.completed(cost: cost, transmission: transmission, context: context)
                         self.scheduleFlush(context: context)
                     case .failure(let error):
                         // Only a pool that is shutting down fails; the connection cannot go on.
@@ -219,16 +242,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Writes one reply and updates the in-flight count.
-    private func send(_ reply: ByteBuffer, cost: UInt64, context: ChannelHandlerContext) {
-        guard case .transmission(var machine, let executor) = phase else { return }
-        context.write(wrapOutboundOut(reply), promise: nil)
+    /// Runs `body` on the burst's outgoing buffer, creating it on first use.
+    private func withOutbox<Result>(context: ChannelHandlerContext, _ body: (inout ByteBuffer) -> Result) -> Result {
+        var buffer = outbox ?? context.channel.allocator.buffer(capacity: 64 * 1024)
+        outbox = nil
+        let result = body(&buffer)
+        outbox = buffer
         flushPending = true
-        let action = machine.completed(cost: cost)
-        phase = .transmission(machine, executor)
-        switch action {
+        return result
+    }
+
+    /// Updates the in-flight accounting once a reply has been queued.
+    private func completed(cost: UInt64, transmission: Transmission, context: ChannelHandlerContext) {
+        switch transmission.machine.completed(cost: cost) {
         case .none:
-            if quiescing && machine.inFlight == 0 { close(context: context) }
+            if quiescing && transmission.machine.inFlight == 0 { close(context: context) }
         case .close:
             close(context: context)
         case .resumeReading:
@@ -239,8 +267,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Flow control
 
     func read(context: ChannelHandlerContext) {
-        if case .transmission(let machine, _) = phase,
-            machine.shouldPauseReading || quiescing || !context.channel.isWritable
+        if case .transmission(let transmission) = phase,
+            transmission.machine.shouldPauseReading || quiescing || !context.channel.isWritable
         {
             readPending = true
             return
@@ -261,7 +289,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func resumeReading(context: ChannelHandlerContext) {
         // Requests already buffered run first; then the socket is read again.
         processReceived(context: context)
-        if readPending, case .transmission(let machine, _) = phase, !machine.shouldPauseReading,
+        if readPending, case .transmission(let transmission) = phase, !transmission.machine.shouldPauseReading,
             context.channel.isWritable, !quiescing
         {
             readPending = false
@@ -282,17 +310,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func flushIfNeeded(context: ChannelHandlerContext) {
         guard flushPending else { return }
         flushPending = false
+        if let buffer = outbox {
+            outbox = nil
+            if buffer.readableBytes > 0 { context.write(wrapOutboundOut(buffer), promise: nil) }
+        }
         context.flush()
     }
 
     private func close(context: ChannelHandlerContext) {
         if case .closed = phase { return }
+        flushIfNeeded(context: context)
         phase = .closed
         received = nil
         timeoutTask?.cancel()
         timeoutTask = nil
-        flushPending = false
-        context.flush()
         context.close(promise: nil)
     }
 }

@@ -15,34 +15,50 @@ struct ReadPlan: Sendable {
     /// The allocation map of the range when holes may be sent as OFFSET_HOLE chunks.
     let holes: [AllocationExtent]?
 
+    /// Appends the reply to `buffer`.
     /// - Parameter blocking: false to read only what the page cache holds.
-    /// - Returns: the reply, or nil when a non-blocking read would have blocked.
-    func encode(image: RawImage, allocator: ByteBufferAllocator, blocking: Bool) -> ByteBuffer? {
+    /// - Returns: false when a non-blocking read would have blocked; `buffer` is then as
+    ///   it was, and the caller runs the plan again with `blocking: true` off the loop.
+    func encode(into buffer: inout ByteBuffer, image: RawImage, blocking: Bool) -> Bool {
+        let start = buffer.writerIndex
         if length == 0 {
-            var buffer = allocator.buffer(capacity: 20)
             if structured {
                 NBDReplyEncoder.writeChunkHeader(cookie: cookie, type: NBDChunkType.none, done: true, length: 0, into: &buffer)
             } else {
                 NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
             }
-            return buffer
+            return true
         }
+        let outcome: ReadOutcome
         if let holes, holes.contains(where: \.isHole) {
-            return encodeSparse(holes, image: image, allocator: allocator, blocking: blocking)
-        }
-        let headerSize = structured ? NBDReplyEncoder.offsetDataHeaderSize : NBDReplyEncoder.simpleHeaderSize
-        var buffer = allocator.buffer(capacity: headerSize + Int(length))
-        if structured {
-            NBDReplyEncoder.writeOffsetDataHeader(cookie: cookie, offset: offset, length: length, done: true, into: &buffer)
+            outcome = encodeSparse(holes, into: &buffer, image: image, blocking: blocking)
         } else {
-            NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
+            buffer.reserveCapacity(minimumWritableBytes: NBDReplyEncoder.offsetDataHeaderSize + Int(length))
+            if structured {
+                NBDReplyEncoder.writeOffsetDataHeader(cookie: cookie, offset: offset, length: length, done: true, into: &buffer)
+            } else {
+                NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
+            }
+            outcome = readData(into: &buffer, count: Int(length), at: offset, image: image, blocking: blocking)
         }
-        switch readData(into: &buffer, count: Int(length), at: offset, image: image, blocking: blocking) {
-        case .success: return buffer
-        case .wouldBlock: return nil
-        case .failure(let error): return errorReply(error, allocator: allocator)
+        switch outcome {
+        case .success:
+            return true
+        case .wouldBlock:
+            buffer.moveWriterIndex(to: start)
+            return false
+        case .failure(let error):
+            buffer.moveWriterIndex(to: start)
+            NBDReplyEncoder.writeError(
+                cookie: cookie, command: NBDCommandType.read.rawValue,
+                error: CommandExecutor.nbdError(for: error, command: .read),
+                message: error.description, structured: structured, into: &buffer)
+            return true
         }
     }
+
+    /// Bytes the reply needs, to size its buffer in one allocation.
+    var replyCapacity: Int { Int(length) + NBDReplyEncoder.offsetDataHeaderSize * ((holes?.count ?? 0) + 1) }
 
     private enum ReadOutcome {
         case success
@@ -76,10 +92,9 @@ struct ReadPlan: Sendable {
 
     /// OFFSET_DATA chunks for data and OFFSET_HOLE chunks for holes, DONE on the last.
     private func encodeSparse(
-        _ extents: [AllocationExtent], image: RawImage, allocator: ByteBufferAllocator, blocking: Bool
-    ) -> ByteBuffer? {
-        let dataBytes = extents.lazy.filter { !$0.isHole }.reduce(0) { $0 + Int($1.length) }
-        var buffer = allocator.buffer(capacity: dataBytes + 28 * (extents.count + 1))
+        _ extents: [AllocationExtent], into buffer: inout ByteBuffer, image: RawImage, blocking: Bool
+    ) -> ReadOutcome {
+        buffer.reserveCapacity(minimumWritableBytes: replyCapacity)
         var position = offset
         let end = offset + UInt64(length)
         var index = 0
@@ -95,23 +110,11 @@ struct ReadPlan: Sendable {
             } else {
                 NBDReplyEncoder.writeOffsetDataHeader(
                     cookie: cookie, offset: position, length: runLength, done: isLast, into: &buffer)
-                switch readData(into: &buffer, count: Int(runLength), at: position, image: image, blocking: blocking) {
-                case .success: break
-                case .wouldBlock: return nil
-                case .failure(let error): return errorReply(error, allocator: allocator)
-                }
+                let outcome = readData(into: &buffer, count: Int(runLength), at: position, image: image, blocking: blocking)
+                guard case .success = outcome else { return outcome }
             }
             position += UInt64(runLength)
         }
-        return buffer
-    }
-
-    private func errorReply(_ error: StorageError, allocator: ByteBufferAllocator) -> ByteBuffer {
-        var buffer = allocator.buffer(capacity: 64)
-        NBDReplyEncoder.writeError(
-            cookie: cookie, command: NBDCommandType.read.rawValue,
-            error: CommandExecutor.nbdError(for: error, command: .read),
-            message: error.description, structured: structured, into: &buffer)
-        return buffer
+        return .success
     }
 }
