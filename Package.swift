@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "tidemark", targets: ["tidemark"]),
         .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
         .library(name: "BlockStorage", targets: ["BlockStorage"]),
+        .library(name: "DirtyTracking", targets: ["DirtyTracking"]),
         .library(name: "TidemarkServer", targets: ["TidemarkServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
     ],
@@ -26,6 +27,8 @@ let package = Package(
         .target(name: "CLinuxIO"),
         // Images: raw files and block devices. Knows nothing of NBD.
         .target(name: "BlockStorage", dependencies: ["CLinuxIO"], swiftSettings: strictSettings),
+        // Named dirty bitmaps, their persistence journal and checkpoints. Knows nothing of NBD.
+        .target(name: "DirtyTracking", swiftSettings: strictSettings),
         // Sans-IO NBD wire protocol: codecs and state machines.
         .target(
             name: "NBDProtocol",
@@ -36,7 +39,7 @@ let package = Package(
         .target(
             name: "TidemarkServer",
             dependencies: [
-                "NBDProtocol", "BlockStorage", "CLinuxIO",
+                "NBDProtocol", "BlockStorage", "DirtyTracking", "CLinuxIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -49,7 +52,7 @@ let package = Package(
         .executableTarget(
             name: "tidemark",
             dependencies: [
-                "TidemarkServer", "BlockStorage",
+                "TidemarkServer", "BlockStorage", "DirtyTracking",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -63,6 +66,11 @@ let package = Package(
         .testTarget(
             name: "BlockStorageTests",
             dependencies: ["BlockStorage"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "DirtyTrackingTests",
+            dependencies: ["DirtyTracking"],
             swiftSettings: strictSettings
         ),
         .testTarget(

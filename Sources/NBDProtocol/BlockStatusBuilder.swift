@@ -86,3 +86,8 @@ public enum NBDAllocationFlags {
     public static let hole: UInt32 = 1
     public static let zero: UInt32 = 2
 }
+
+/// Flags of the `qemu:dirty-bitmap:NAME` contexts.
+public enum NBDDirtyFlags {
+    public static let dirty: UInt32 = 1
+}

@@ -1,4 +1,5 @@
 import BlockStorage
+import DirtyTracking
 import NBDProtocol
 import NIOCore
 import NIOPosix
@@ -45,9 +46,15 @@ struct CommandExecutor {
         case .write(let offset, let payload, let fua):
             return write(cookie: cookie, offset: offset, payload: payload, fua: fua, outbox: &outbox)
         case .flush:
-            return offload(cookie: cookie, command: .flush) { (image) throws(StorageError) in try image.flush() }
+            let tracker = export.tracker
+            return offload(cookie: cookie, command: .flush) { (image) throws(StorageError) in
+                try image.flush()
+                Self.saveBitmaps(tracker)
+            }
         case .trim(let offset, let length, let fua):
+            let journal = Self.journal(export.tracker, offset: offset, length: UInt64(length))
             return offload(cookie: cookie, command: .trim) { (image) throws(StorageError) in
+                try journal?()
                 do throws(StorageError) {
                     try image.discard(at: offset, length: UInt64(length))
                 } catch .notSupported {
@@ -60,7 +67,9 @@ struct CommandExecutor {
             NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
             return .written
         case .writeZeroes(let offset, let length, let noHole, let fastZero, let fua):
+            let journal = Self.journal(export.tracker, offset: offset, length: UInt64(length))
             return offload(cookie: cookie, command: .writeZeroes) { (image) throws(StorageError) in
+                try journal?()
                 try image.writeZeroes(at: offset, length: UInt64(length), allowHole: !noHole, fastOnly: fastZero)
                 if fua { try image.flush() }
             }
@@ -68,6 +77,32 @@ struct CommandExecutor {
             blockStatus(cookie: cookie, offset: offset, length: length, requestOne: requestOne, into: &outbox)
             return .written
         }
+    }
+
+    // MARK: - Dirty tracking
+
+    /// Marks the range in every recording bitmap now (on the event loop, before any byte
+    /// can reach the disk) and returns what must run on the pool before the data is
+    /// written: making the region journal durable, when the range enters a region not yet
+    /// journaled in this epoch; nil when nothing must.
+    private static func journal(
+        _ tracker: DirtyTracker, offset: UInt64, length: UInt64
+    ) -> (@Sendable () throws(StorageError) -> Void)? {
+        guard let regions = tracker.willModify(offset: offset, length: length) else { return nil }
+        return { () throws(StorageError) in
+            do {
+                try tracker.makeDurable(regions)
+            } catch {
+                // Writing without a durable journal could lose dirty bits in a crash.
+                throw StorageError.ioFailed(operation: "bitmap journal (\(error))", errno: EIO)
+            }
+        }
+    }
+
+    /// Saves bitmap bits on FLUSH. A failure is logged by the caller's logger elsewhere;
+    /// the data flush itself succeeded and the journal still guarantees recovery.
+    private static func saveBitmaps(_ tracker: DirtyTracker) {
+        try? tracker.saveIfNeeded()
     }
 
     // MARK: - Replies
@@ -146,6 +181,13 @@ struct CommandExecutor {
     private func write(
         cookie: UInt64, offset: UInt64, payload: ByteBuffer, fua: Bool, outbox: inout ByteBuffer
     ) -> CommandResult {
+        if let journal = Self.journal(export.tracker, offset: offset, length: UInt64(payload.readableBytes)) {
+            return offload(cookie: cookie, command: .write) { (image) throws(StorageError) in
+                try journal()
+                try payload.withUnsafeReadableBytes { (bytes) throws(StorageError) in try image.write(bytes, at: offset) }
+                if fua { try image.flush() }
+            }
+        }
         if !fua {
             let image = export.image
             let done = payload.withUnsafeReadableBytes { image.writeIfNonBlocking($0, at: offset) }
@@ -175,6 +217,18 @@ struct CommandExecutor {
             var builder = BlockStatusBuilder(contextID: context.id, offset: offset, length: length, requestOne: requestOne)
             let done = index == contexts.count - 1
             switch context.name {
+            case let name where name.hasPrefix(Export.dirtyBitmapPrefix):
+                let bitmap = String(name.dropFirst(Export.dirtyBitmapPrefix.count))
+                if let extents = try? export.tracker.extents(
+                    name: bitmap, offset: offset, length: UInt64(length),
+                    maximumExtents: requestOne ? 1 : BlockStatusBuilder.maximumExtents)
+                {
+                    for extent in extents where builder.wantsMore {
+                        builder.append(length: extent.length, flags: extent.dirty ? NBDDirtyFlags.dirty : 0)
+                    }
+                }
+                // A bitmap removed since SET reports "dirty", the safe answer.
+                builder.write(cookie: cookie, done: done, fallbackFlags: NBDDirtyFlags.dirty, into: &buffer)
             case Export.baseAllocation:
                 let extents = export.image.allocationExtents(
                     at: offset, length: UInt64(length),

@@ -1,4 +1,5 @@
 import BlockStorage
+import DirtyTracking
 import Logging
 import NIOCore
 import NIOPosix
@@ -36,6 +37,9 @@ public final class NBDServer: Sendable {
     private let pool: NIOThreadPool
     private let serverChannels = Mutex<[any Channel]>([])
     private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
+    private let bitmapSaver = Mutex<RepeatedTask?>(nil)
+    /// How often changed bitmap bits are saved (besides FLUSH and shutdown).
+    public static let bitmapSaveInterval: TimeAmount = .seconds(30)
 
     public init(configuration: ServerConfiguration, registry: ExportRegistry, logger: Logger) {
         self.configuration = configuration
@@ -62,6 +66,23 @@ public final class NBDServer: Sendable {
             serverChannels.withLock { $0.append(channel) }
             bound.append(BoundListener(listener: listener, port: channel.localAddress?.port))
         }
+        let registry = self.registry
+        let pool = self.pool
+        let logger = self.logger
+        let task = group.next().scheduleRepeatedTask(
+            initialDelay: Self.bitmapSaveInterval, delay: Self.bitmapSaveInterval
+        ) { _ in
+            pool.submit { _ in
+                for export in registry.all {
+                    do {
+                        try export.tracker.saveIfNeeded()
+                    } catch {
+                        logger.error("saving bitmaps of export '\(export.name)' failed: \(error)")
+                    }
+                }
+            }
+        }
+        bitmapSaver.withLock { $0 = task }
         return bound
     }
 
@@ -142,9 +163,14 @@ public final class NBDServer: Sendable {
         for channel in connections.withLock({ Array($0.values) }) {
             try? await channel.close().get()
         }
-        for export in registry.all where !export.isReadOnly {
+        bitmapSaver.withLock { task in
+            task?.cancel()
+            task = nil
+        }
+        for export in registry.all {
             do {
-                try export.image.flush()
+                if !export.isReadOnly { try export.image.flush() }
+                try export.tracker.save(cleanShutdown: true)
             } catch {
                 logger.error("flushing export '\(export.name)' failed: \(error)")
             }

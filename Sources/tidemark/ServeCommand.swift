@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockStorage
+import DirtyTracking
 import Dispatch
 import Logging
 import NIOCore
@@ -37,6 +38,13 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customLong("export"), help: ArgumentHelp("Add an export (repeatable).", valueName: "NAME=PATH[:ro]"))
     var exports: [String] = []
 
+    @Option(
+        name: .customLong("bitmap"),
+        help: ArgumentHelp(
+            "Create (or load) a persistent, recording bitmap on the first export (repeatable).",
+            valueName: "NAME[:GRANULARITY]"))
+    var bitmaps: [String] = []
+
     @Option(help: "Human-readable description shown in export lists.")
     var description: String = ""
 
@@ -70,6 +78,7 @@ struct ServeCommand: AsyncParsableCommand {
         if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         for spec in exports { _ = try ExportSpecification(parsing: spec) }
+        for spec in bitmaps { _ = try BitmapSpecification(parsing: spec) }
     }
 
     func run() async throws {
@@ -82,7 +91,7 @@ struct ServeCommand: AsyncParsableCommand {
         let logger = Logger(label: "tidemark")
 
         let registry = ExportRegistry()
-        for export in try makeExports() {
+        for export in try makeExports(logger: logger) {
             try registry.add(export)
         }
         let activation = SocketActivation.fromEnvironment()
@@ -121,7 +130,8 @@ struct ServeCommand: AsyncParsableCommand {
         return result
     }
 
-    private func makeExports() throws -> [Export] {
+    private func makeExports(logger: Logger) throws -> [Export] {
+        let requestedBitmaps = try bitmaps.map { try BitmapSpecification(parsing: $0) }
         var specifications = try exports.map { try ExportSpecification(parsing: $0) }
         if let image {
             specifications.insert(ExportSpecification(name: name, path: image, readOnly: readOnly), at: 0)
@@ -129,10 +139,13 @@ struct ServeCommand: AsyncParsableCommand {
             try createDefaultImage()
             specifications = [ExportSpecification(name: name, path: Self.defaultImagePath, readOnly: readOnly)]
         }
-        return try specifications.map { specification in
+        return try specifications.enumerated().map { index, specification in
             let image = try RawImage(path: specification.path, readOnly: specification.readOnly)
+            let tracker = try BitmapLoader.tracker(
+                imagePath: specification.path, image: image, bitmaps: index == 0 ? requestedBitmaps : [], logger: logger)
             return Export(
-                name: specification.name, description: description, image: image, readOnly: specification.readOnly)
+                name: specification.name, description: description, image: image, readOnly: specification.readOnly,
+                tracker: tracker)
         }
     }
 

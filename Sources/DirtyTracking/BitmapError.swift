@@ -1,0 +1,39 @@
+/// Why a bitmap operation was refused. Messages name the bitmap and say what to do,
+/// following QEMU's wording where the meaning is the same.
+public enum BitmapError: Error, Equatable, CustomStringConvertible {
+    case invalidName(String)
+    case duplicateName(String)
+    case notFound(String)
+    case invalidGranularity(UInt64)
+    case busy(String)
+    case sizeMismatch(target: String, source: String)
+    case storeUnavailable(String)
+    case storeCorrupt(path: String, reason: String)
+    case storeIOFailed(path: String, reason: String)
+    case storeLocked(path: String)
+
+    public var description: String {
+        switch self {
+        case .invalidName(let name):
+            return "invalid bitmap name '\(name)': names are 1 to 1023 bytes"
+        case .duplicateName(let name):
+            return "bitmap '\(name)' already exists"
+        case .notFound(let name):
+            return "bitmap '\(name)' not found"
+        case .invalidGranularity(let value):
+            return "granularity \(value) is invalid: it must be a power of two from 512 B to 2 GiB"
+        case .busy(let name):
+            return "bitmap '\(name)' is currently in use by another operation and cannot be used"
+        case .sizeMismatch(let target, let source):
+            return "bitmaps '\(target)' and '\(source)' cover different sizes"
+        case .storeUnavailable(let reason):
+            return "persistent bitmaps are unavailable: \(reason)"
+        case .storeCorrupt(let path, let reason):
+            return "bitmap store '\(path)' is unusable (\(reason)); move it aside to start without its bitmaps"
+        case .storeIOFailed(let path, let reason):
+            return "bitmap store '\(path)': \(reason)"
+        case .storeLocked(let path):
+            return "bitmap store '\(path)' is in use by a running server; use its control socket instead"
+        }
+    }
+}

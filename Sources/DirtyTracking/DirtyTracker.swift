@@ -1,0 +1,272 @@
+import Synchronization
+
+/// The named bitmaps of one image, and the single place writes are recorded.
+///
+/// Every connection to an export shares one tracker, so a write on any connection is in
+/// every bitmap before its reply is sent. Bits live in memory behind one lock, mutated in
+/// place; persistent bitmaps are made crash-safe by the store's region journal.
+public final class DirtyTracker: Sendable {
+    struct NamedBitmap {
+        var name: String
+        var bitmap: DirtyBitmap
+        var recording: Bool
+        var persistent: Bool
+        var busy: Bool
+    }
+
+    struct State {
+        var bitmaps: [NamedBitmap] = []
+        /// Journal regions made durable in the current epoch (one bit per region).
+        var durableRegions: DirtyBitmap
+        var epoch: UInt64
+        var generation: UInt64
+        /// True when a recording persistent bitmap exists, so writes need the journal.
+        var journaling = false
+        /// Bits or flags of persistent bitmaps changed since the last save.
+        var unsaved = false
+
+        mutating func refreshJournaling() {
+            journaling = bitmaps.contains { $0.persistent && $0.recording }
+        }
+    }
+
+    /// Size of the image in bytes.
+    public let size: UInt64
+    private let state: Mutex<State>
+    private let store: BitmapStore?
+    /// Serialises journal appends against epoch switches (never held by the write path
+    /// unless it must journal a new region).
+    private let journalLock = Mutex<Void>(())
+    /// Serialises saves.
+    private let saveLock = Mutex<Void>(())
+
+    /// A tracker with no persistence: bitmaps live as long as the process.
+    public init(size: UInt64) {
+        self.size = size
+        self.store = nil
+        self.state = Mutex(State(durableRegions: Self.regionMap(size: size), epoch: 0, generation: 0))
+    }
+
+    /// A tracker backed by the image's sidecar store, with its bitmaps loaded (and, after
+    /// an unclean stop, recovered from the journal). Starts a new journal epoch at once.
+    public init(store: BitmapStore, contents: BitmapStore.Contents) throws(BitmapError) {
+        self.size = store.imageSize
+        self.store = store
+        var initial = State(durableRegions: Self.regionMap(size: store.imageSize), epoch: contents.epoch, generation: contents.generation)
+        initial.bitmaps = contents.bitmaps.map {
+            NamedBitmap(name: $0.name, bitmap: $0.bitmap, recording: $0.recording, persistent: true, busy: false)
+        }
+        initial.refreshJournaling()
+        self.state = Mutex(initial)
+        try save(cleanShutdown: false)
+    }
+
+    private static func regionMap(size: UInt64) -> DirtyBitmap {
+        DirtyBitmap(size: max(size, 1), granularity: BitmapStore.regionSize)
+    }
+
+    /// Unclean recoveries of the store so far.
+    public var generation: UInt64 { state.withLock { $0.generation } }
+
+    /// True when bitmaps are persisted beside the image.
+    public var isPersistent: Bool { store != nil }
+
+    // MARK: - The write path
+
+    /// Records that `[offset, offset+length)` is about to change, in every recording
+    /// bitmap. Call before the data can reach the disk, and whether or not the write
+    /// will succeed: over-reporting is safe, under-reporting loses backup data.
+    /// - Returns: journal regions that must be made durable (with `makeDurable`) before
+    ///   the write may proceed, or nil when none must.
+    public func willModify(offset: UInt64, length: UInt64) -> ClosedRange<Int>? {
+        guard length > 0 else { return nil }
+        return state.withLock { state -> ClosedRange<Int>? in
+            guard !state.bitmaps.isEmpty else { return nil }
+            for index in state.bitmaps.indices where state.bitmaps[index].recording {
+                state.bitmaps[index].bitmap.markDirty(offset: offset, length: length)
+            }
+            guard state.journaling else { return nil }
+            state.unsaved = true
+            let end = min(size, offset + length)
+            guard offset < end else { return nil }
+            let first = Int(offset / BitmapStore.regionSize)
+            let last = Int((end - 1) / BitmapStore.regionSize)
+            for region in first...last where !state.durableRegions.isDirty(granule: region) {
+                return first...last
+            }
+            return nil
+        }
+    }
+
+    /// Makes the journal record of `regions` durable (group commit: concurrent callers
+    /// for the same regions wait for one fsync). Blocking: call off the event loop.
+    public func makeDurable(_ regions: ClosedRange<Int>) throws(BitmapError) {
+        guard let store else { return }
+        try journalLock.withLock { (_: inout Void) throws(BitmapError) in
+            let missing = state.withLock { state in
+                regions.filter { !state.durableRegions.isDirty(granule: $0) }.map { UInt64($0) }
+            }
+            guard !missing.isEmpty else { return }
+            try store.appendToJournal(missing)
+            state.withLock { state in
+                for region in missing { state.durableRegions.setBits(Int(region)...Int(region)) }
+            }
+        }
+    }
+
+    // MARK: - Saving
+
+    /// Saves persistent bitmaps (atomically) and starts a new journal epoch. Blocking.
+    /// - Parameter cleanShutdown: true only for the last save before a clean exit.
+    public func save(cleanShutdown: Bool = false) throws(BitmapError) {
+        guard let store else { return }
+        try saveLock.withLock { (_: inout Void) throws(BitmapError) in
+            let snapshot = try journalLock.withLock { (_: inout Void) throws(BitmapError) -> BitmapStore.Snapshot in
+                let snapshot = state.withLock { state -> BitmapStore.Snapshot in
+                    state.epoch += 1
+                    state.durableRegions.clearAll()
+                    state.unsaved = false
+                    let saved = state.bitmaps.filter(\.persistent).map { entry in
+                        // A real copy: sharing storage would make the next write copy it.
+                        (name: entry.name, granularity: entry.bitmap.granularity, recording: entry.recording,
+                         words: entry.bitmap.leafWords.withUnsafeBufferPointer { Array($0) })
+                    }
+                    return BitmapStore.Snapshot(bitmaps: saved, epoch: state.epoch, generation: state.generation)
+                }
+                try store.startJournal(epoch: snapshot.epoch)
+                return snapshot
+            }
+            try store.write(snapshot, cleanShutdown: cleanShutdown)
+        }
+    }
+
+    /// Saves only if persistent bits changed since the last save (for FLUSH and timers).
+    public func saveIfNeeded() throws(BitmapError) {
+        guard store != nil, state.withLock({ $0.unsaved }) else { return }
+        try save()
+    }
+
+    // MARK: - Management
+
+    /// Adds a bitmap (QEMU's `block-dirty-bitmap-add`).
+    public func add(
+        name: String, granularity: UInt64 = BitmapLimits.defaultGranularity, persistent: Bool, recording: Bool = true
+    ) throws(BitmapError) {
+        guard !name.isEmpty, name.utf8.count <= BitmapLimits.maximumNameLength else { throw .invalidName(name) }
+        guard BitmapLimits.isValidGranularity(granularity) else { throw .invalidGranularity(granularity) }
+        if persistent && store == nil {
+            throw .storeUnavailable("this image has no bitmap store; add the bitmap with persistent=false")
+        }
+        try mutate(persisting: persistent) { (state: inout State) throws(BitmapError) in
+            guard !state.bitmaps.contains(where: { $0.name == name }) else { throw .duplicateName(name) }
+            state.bitmaps.append(NamedBitmap(
+                name: name, bitmap: DirtyBitmap(size: size, granularity: granularity),
+                recording: recording, persistent: persistent, busy: false))
+        }
+    }
+
+    /// Removes a bitmap.
+    public func remove(name: String) throws(BitmapError) {
+        try mutate(named: name) { (state: inout State, index: Int) throws(BitmapError) in
+            state.bitmaps.remove(at: index)
+        }
+    }
+
+    /// Clears every bit of a bitmap.
+    public func clear(name: String) throws(BitmapError) {
+        try mutate(named: name) { (state: inout State, index: Int) throws(BitmapError) in
+            state.bitmaps[index].bitmap.clearAll()
+        }
+    }
+
+    /// Starts or stops recording writes into a bitmap.
+    public func setRecording(name: String, _ recording: Bool) throws(BitmapError) {
+        try mutate(named: name) { (state: inout State, index: Int) throws(BitmapError) in
+            state.bitmaps[index].recording = recording
+        }
+    }
+
+    /// ORs `sources` into `target` (QEMU's `block-dirty-bitmap-merge`): all or nothing;
+    /// on any error the target is untouched.
+    public func merge(target: String, sources: [String]) throws(BitmapError) {
+        try mutate(named: target) { (state: inout State, targetIndex: Int) throws(BitmapError) in
+            var sourceIndices: [Int] = []
+            for source in sources {
+                guard let index = state.bitmaps.firstIndex(where: { $0.name == source }) else {
+                    throw .notFound(source)
+                }
+                guard !state.bitmaps[index].busy || index == targetIndex else { throw .busy(source) }
+                sourceIndices.append(index)
+            }
+            for index in sourceIndices where index != targetIndex {
+                let source = state.bitmaps[index].bitmap
+                state.bitmaps[targetIndex].bitmap.merge(source)
+            }
+        }
+    }
+
+    /// Every bitmap, in creation order.
+    public func query() -> [BitmapInfo] {
+        state.withLock { state in
+            state.bitmaps.map { entry in
+                BitmapInfo(
+                    name: entry.name, count: entry.bitmap.dirtyBytes, granularity: entry.bitmap.granularity,
+                    recording: entry.recording, busy: entry.busy, persistent: entry.persistent,
+                    generation: entry.persistent ? state.generation : 0)
+            }
+        }
+    }
+
+    /// Names of every bitmap, in creation order.
+    public var names: [String] { state.withLock { $0.bitmaps.map(\.name) } }
+
+    /// Dirty and clean runs of a bitmap over `[offset, offset+length)`, merged, clipped,
+    /// and at most `maximumExtents` of them (the last one may end early).
+    public func extents(name: String, offset: UInt64, length: UInt64, maximumExtents: Int) throws(BitmapError) -> [DirtyExtent] {
+        try state.withLock { (state: inout State) throws(BitmapError) -> [DirtyExtent] in
+            guard let entry = state.bitmaps.first(where: { $0.name == name }) else { throw .notFound(name) }
+            let end = min(size, offset + length)
+            var result: [DirtyExtent] = []
+            var position = offset
+            entry.bitmap.forEachDirtyRun(offset: offset, length: end - offset) { start, runLength in
+                if start > position {
+                    result.append(DirtyExtent(offset: position, length: start - position, dirty: false))
+                }
+                guard result.count < maximumExtents else { return false }
+                result.append(DirtyExtent(offset: start, length: runLength, dirty: true))
+                position = start + runLength
+                return result.count < maximumExtents
+            }
+            if position < end && result.count < maximumExtents {
+                result.append(DirtyExtent(offset: position, length: end - position, dirty: false))
+            }
+            return result
+        }
+    }
+
+    // MARK: - Helpers
+
+    private func mutate(
+        persisting: Bool, _ body: (inout State) throws(BitmapError) -> Void
+    ) throws(BitmapError) {
+        try state.withLock { (state: inout State) throws(BitmapError) in
+            try body(&state)
+            state.refreshJournaling()
+        }
+        if persisting { try save() }
+    }
+
+    private func mutate(
+        named name: String, _ body: (inout State, Int) throws(BitmapError) -> Void
+    ) throws(BitmapError) {
+        let persistent = try state.withLock { (state: inout State) throws(BitmapError) -> Bool in
+            guard let index = state.bitmaps.firstIndex(where: { $0.name == name }) else { throw .notFound(name) }
+            guard !state.bitmaps[index].busy else { throw .busy(name) }
+            let persistent = state.bitmaps[index].persistent
+            try body(&state, index)
+            state.refreshJournaling()
+            return persistent
+        }
+        if persistent { try save() }
+    }
+}

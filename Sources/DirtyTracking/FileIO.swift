@@ -1,0 +1,107 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The few POSIX file operations the bitmap store needs, with errors that name the file.
+enum FileIO {
+    static func describe(_ code: Int32) -> String { String(cString: strerror(code)) }
+
+    /// Reads a whole file; nil when it does not exist.
+    static func readFile(_ path: String) throws(BitmapError) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT { return nil }
+            throw .storeIOFailed(path: path, reason: "cannot open: \(describe(errno))")
+        }
+        defer { close(fd) }
+        var result: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .storeIOFailed(path: path, reason: "cannot read: \(describe(errno))")
+            }
+            if n == 0 { break }
+            result.append(contentsOf: chunk[0..<n])
+        }
+        return result
+    }
+
+    /// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the
+    /// directory. Readers see the old file or the new one, never a mix.
+    static func writeAtomically(_ bytes: [UInt8], to path: String, directory: String) throws(BitmapError) {
+        let temporary = path + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .storeIOFailed(path: temporary, reason: "cannot create: \(describe(errno))") }
+        do throws(BitmapError) {
+            try writeAll(fd, bytes, path: temporary)
+            guard fdatasync(fd) == 0 else { throw BitmapError.storeIOFailed(path: temporary, reason: "fsync: \(describe(errno))") }
+        } catch {
+            close(fd)
+            unlink(temporary)
+            throw error
+        }
+        close(fd)
+        guard rename(temporary, path) == 0 else {
+            throw .storeIOFailed(path: path, reason: "rename: \(describe(errno))")
+        }
+        try syncDirectory(directory)
+    }
+
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws(BitmapError) {
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { raw -> Int in
+                guard let base = raw.baseAddress else { return 0 }
+                return write(fd, base + done, raw.count - done)
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .storeIOFailed(path: path, reason: "write: \(describe(errno))")
+            }
+            done += n
+        }
+    }
+
+    static func syncDirectory(_ directory: String) throws(BitmapError) {
+        let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw .storeIOFailed(path: directory, reason: "cannot open: \(describe(errno))") }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw .storeIOFailed(path: directory, reason: "fsync: \(describe(errno))") }
+    }
+
+    /// Names in a directory.
+    static func listDirectory(_ directory: String) -> [String] {
+        guard let handle = opendir(directory) else { return [] }
+        defer { closedir(handle) }
+        var names: [String] = []
+        while let entry = readdir(handle) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    static func encodeWords(_ words: [UInt64], into bytes: inout [UInt8]) {
+        bytes.reserveCapacity(bytes.count + words.count * 8)
+        for word in words {
+            withUnsafeBytes(of: word.littleEndian) { bytes.append(contentsOf: $0) }
+        }
+    }
+
+    static func decodeWords(_ bytes: ArraySlice<UInt8>) -> [UInt64] {
+        var words: [UInt64] = []
+        words.reserveCapacity(bytes.count / 8)
+        var index = bytes.startIndex
+        while index + 8 <= bytes.endIndex {
+            var value: UInt64 = 0
+            for shift in 0..<8 { value |= UInt64(bytes[index + shift]) << UInt64(shift * 8) }
+            words.append(value)
+            index += 8
+        }
+        return words
+    }
+}
