@@ -33,7 +33,7 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
         case .storeIOFailed(let path, let reason):
             return "bitmap store '\(path)': \(reason)"
         case .storeLocked(let path):
-            return "bitmap store '\(path)' is in use by a running server; use its control socket instead"
+            return "bitmap store '\(path)' is held by a running server; stop that server first"
         }
     }
 }
