@@ -34,7 +34,7 @@ public struct TransmissionStateMachine {
     public private(set) var isDisconnecting = false
     private var readingPaused = false
 
-    public init(session: NBDSession, maximumInFlight: Int = 128, maximumBytesInFlight: UInt64 = 64 << 20) {
+    public init(session: NBDSession, maximumInFlight: Int = 128, maximumBytesInFlight: UInt64 = 32 << 20) {
         self.session = session
         self.maximumInFlight = maximumInFlight
         self.maximumBytesInFlight = maximumBytesInFlight

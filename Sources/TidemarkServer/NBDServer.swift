@@ -110,7 +110,7 @@ public final class NBDServer: Sendable {
                 .recvAllocator,
                 value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 2 << 20))
             .childChannelOption(.maxMessagesPerRead, value: 8)
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: 2 << 20, high: 8 << 20))
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
             .childChannelOption(.allowRemoteHalfClosure, value: false)
             .childChannelInitializer { [weak self] channel in
                 guard let self, self.admit(channel) else {
