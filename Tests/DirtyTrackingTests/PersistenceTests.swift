@@ -1,0 +1,355 @@
+import DirtyTracking
+import Foundation
+import Testing
+
+/// `DirtyTracker` with a real `BitmapStore` in a temporary directory: saving, reopening,
+/// locking, damage detection and recovery from the region journal.
+@Suite("Bitmap persistence")
+struct PersistenceTests {
+    static let region = BitmapStore.regionSize
+
+    /// A fake image path in a fresh directory: the store only uses it to name its sidecar.
+    struct Fixture {
+        let directory: TemporaryDirectory
+        let image: String
+        var store: String { BitmapStore.directory(forImage: image) }
+
+        init() throws {
+            directory = try TemporaryDirectory()
+            image = directory.file("disk.img")
+        }
+
+        func open(size: UInt64) throws -> (BitmapStore, BitmapStore.Contents) {
+            try BitmapStore.open(imagePath: image, imageSize: size)
+        }
+
+        /// Opens the store and builds a tracker on it.
+        func tracker(size: UInt64) throws -> (DirtyTracker, BitmapStore.Contents) {
+            let (store, contents) = try open(size: size)
+            return (try DirtyTracker(store: store, contents: contents), contents)
+        }
+
+        /// The manifest, parsed.
+        func manifest() throws -> [String: Any] {
+            let data = try Data(contentsOf: URL(fileURLWithPath: store + "/state.json"))
+            guard let object = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                throw TestFailure("state.json is not a JSON object")
+            }
+            return object
+        }
+
+        func files() throws -> [String] {
+            try FileManager.default.contentsOfDirectory(atPath: store).sorted()
+        }
+    }
+
+    /// Records a write the way the server does: mark, then make the journal durable.
+    static func write(_ tracker: DirtyTracker, _ offset: UInt64, _ length: UInt64) throws {
+        if let regions = tracker.willModify(offset: offset, length: length) {
+            try tracker.makeDurable(regions)
+        }
+    }
+
+    static func dirtyRuns(_ tracker: DirtyTracker, _ name: String) throws -> [ByteRun] {
+        try tracker.extents(name: name, offset: 0, length: tracker.size, maximumExtents: .max)
+            .filter(\.dirty).map { ByteRun($0.offset, $0.length) }
+    }
+
+    static func bitmap(size: UInt64, granularity: UInt64, _ writes: [(UInt64, UInt64)]) -> DirtyBitmap {
+        var bitmap = DirtyBitmap(size: size, granularity: granularity)
+        for (offset, length) in writes { bitmap.markDirty(offset: offset, length: length) }
+        return bitmap
+    }
+
+    // MARK: - Save and reopen
+
+    @Test("a clean save and reopen gives identical bitmaps and flags; in-memory bitmaps are not saved")
+    func saveAndReopen() throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 3 * Self.region + 4096 + 512  // partial last granule at every granularity
+        let early: [(UInt64, UInt64)] = [(0, 1), (5 << 20, 300_000), (Self.region - 512, 1024), (size - 1, 1)]
+        let late: [(UInt64, UInt64)] = [(2 * Self.region + 12345, 70_000)]
+        let expectedInfo: [BitmapInfo]
+        do {
+            let (tracker, contents) = try fixture.tracker(size: size)
+            #expect(contents.bitmaps.isEmpty)
+            #expect(contents.generation == 0)
+            #expect(!contents.recovered)
+            #expect(tracker.isPersistent)
+            try tracker.add(name: "daily", persistent: true)
+            try tracker.add(name: "fine", granularity: 4096, persistent: true)
+            try tracker.add(name: "paused", granularity: 1 << 20, persistent: true)
+            try tracker.add(name: "scratch", persistent: false)
+            for (offset, length) in early { try Self.write(tracker, offset, length) }
+            try tracker.setRecording(name: "paused", false)
+            for (offset, length) in late { try Self.write(tracker, offset, length) }
+            expectedInfo = tracker.query().filter(\.persistent)
+            try tracker.save(cleanShutdown: true)
+        }
+        #expect(try fixture.manifest()["cleanShutdown"] as? Bool == true)
+
+        let (store, contents) = try fixture.open(size: size)
+        #expect(!contents.recovered)
+        #expect(contents.generation == 0)
+        #expect(contents.bitmaps.map(\.name) == ["daily", "fine", "paused"])
+        #expect(contents.bitmaps.map(\.recording) == [true, true, false])
+        #expect(contents.bitmaps[0].bitmap == Self.bitmap(size: size, granularity: 65536, early + late))
+        #expect(contents.bitmaps[1].bitmap == Self.bitmap(size: size, granularity: 4096, early + late))
+        #expect(contents.bitmaps[2].bitmap == Self.bitmap(size: size, granularity: 1 << 20, early))
+        let tracker = try DirtyTracker(store: store, contents: contents)
+        #expect(tracker.query() == expectedInfo)
+        #expect(tracker.generation == 0)
+        #expect(try Self.dirtyRuns(tracker, "fine") == contents.bitmaps[1].bitmap.runs())
+        // Loaded bitmaps keep recording (or not) as saved.
+        try Self.write(tracker, 100 << 20, 1)
+        #expect(try Self.dirtyRuns(tracker, "daily").contains(ByteRun(100 << 20, 65536)))
+        #expect(try Self.dirtyRuns(tracker, "paused") == contents.bitmaps[2].bitmap.runs())
+    }
+
+    @Test("remove, clear and disable are saved at once")
+    func managementIsSaved() throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 256 << 20
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            for name in ["a", "b", "c"] { try tracker.add(name: name, persistent: true) }
+            try Self.write(tracker, 1 << 20, 1)
+            try tracker.save()
+            try tracker.remove(name: "a")
+            try tracker.clear(name: "b")
+            try tracker.setRecording(name: "c", false)
+            // No further save: the changes above must already be on disk.
+        }
+        let (_, contents) = try fixture.open(size: size)
+        #expect(contents.bitmaps.map(\.name) == ["b", "c"])
+        #expect(contents.bitmaps.map(\.recording) == [true, false])
+        #expect(contents.bitmaps[0].bitmap.isClean)
+        #expect(contents.bitmaps[1].bitmap.runs() == [ByteRun(1 << 20, 65536)])
+    }
+
+    // MARK: - Locking and damage
+
+    @Test("a second open while the first holds the lock is refused; after release it succeeds")
+    func locked() throws {
+        let fixture = try Fixture()
+        var first: (BitmapStore, BitmapStore.Contents)? = try fixture.open(size: 1 << 30)
+        #expect(BitmapStore.isLocked(imagePath: fixture.image))
+        #expect(throws: BitmapError.storeLocked(path: fixture.store)) {
+            _ = try fixture.open(size: 1 << 30)
+        }
+        #expect(first != nil)
+        first = nil
+        #expect(!BitmapStore.isLocked(imagePath: fixture.image))
+        _ = try fixture.open(size: 1 << 30)
+    }
+
+    @Test("a store written for another image size is corrupt, naming state.json")
+    func otherImageSize() throws {
+        let fixture = try Fixture()
+        do {
+            let (tracker, _) = try fixture.tracker(size: 1 << 30)
+            try tracker.add(name: "b0", persistent: true)
+            try tracker.save(cleanShutdown: true)
+        }
+        do {
+            _ = try fixture.open(size: (1 << 30) + 512)
+            Issue.record("opening a store of a 1 GiB image for a larger image succeeded")
+        } catch let error as BitmapError {
+            guard case .storeCorrupt(let path, let reason) = error else {
+                Issue.record("expected storeCorrupt, got \(error)")
+                return
+            }
+            #expect(path == fixture.store + "/state.json")
+            #expect(reason.contains("\(1 << 30)"))
+            #expect(error.description.contains("state.json"))
+        }
+        // The store was not damaged by the refused open.
+        let (_, contents) = try fixture.open(size: 1 << 30)
+        #expect(contents.bitmaps.map(\.name) == ["b0"])
+    }
+
+    enum Damage: String, CaseIterable, CustomTestStringConvertible {
+        case flipDataByte, truncateData, deleteData, garbageManifest, unknownVersion
+        var testDescription: String { rawValue }
+    }
+
+    @Test("a damaged store is corrupt, naming the damaged file", arguments: Damage.allCases)
+    func damagedStore(damage: Damage) throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 1 << 30
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+            try tracker.add(name: "b1", granularity: 4096, persistent: true)
+            try Self.write(tracker, 100 << 20, 1 << 20)
+            try tracker.save(cleanShutdown: true)
+        }
+        let files = try fixture.files()
+        let dataFiles = files.filter { $0.hasPrefix("bitmaps-") && $0.hasSuffix(".dat") }
+        try #require(dataFiles.count == 1, "files: \(files)")
+        let dataPath = fixture.store + "/" + dataFiles[0]
+        let statePath = fixture.store + "/state.json"
+        var data = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dataPath)))
+        let damagedPath: String
+        switch damage {
+        case .flipDataByte:
+            // A byte inside the second bitmap's clean words.
+            data[data.count - 3] ^= 0x10
+            try Data(data).write(to: URL(fileURLWithPath: dataPath))
+            damagedPath = dataPath
+        case .truncateData:
+            try Data(data.prefix(data.count - 8)).write(to: URL(fileURLWithPath: dataPath))
+            damagedPath = dataPath
+        case .deleteData:
+            try FileManager.default.removeItem(atPath: dataPath)
+            damagedPath = dataPath
+        case .garbageManifest:
+            try Data("{ this is not json".utf8).write(to: URL(fileURLWithPath: statePath))
+            damagedPath = statePath
+        case .unknownVersion:
+            var manifest = try fixture.manifest()
+            manifest["version"] = 99
+            try JSONSerialization.data(withJSONObject: manifest).write(to: URL(fileURLWithPath: statePath))
+            damagedPath = statePath
+        }
+        do {
+            _ = try fixture.open(size: size)
+            Issue.record("opening a store with \(damage) succeeded")
+        } catch let error as BitmapError {
+            guard case .storeCorrupt(let path, _) = error else {
+                Issue.record("expected storeCorrupt, got \(error)")
+                return
+            }
+            #expect(path == damagedPath)
+        }
+        #expect(!BitmapStore.isLocked(imagePath: fixture.image), "a refused open must release the lock")
+    }
+
+    // MARK: - Journal recovery
+
+    @Test("after an unclean stop every journaled region is fully dirty, the rest stays as saved, generation + 1")
+    func journalReplay() throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 16 * Self.region  // 1 GiB
+        let savedWrite: (UInt64, UInt64) = (5 * Self.region + (1 << 20), 4096)
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+            try tracker.add(name: "fine", granularity: 4096, persistent: true)
+            try tracker.add(name: "off", persistent: true, recording: false)
+            try tracker.add(name: "memory", persistent: false)
+            // Saved before the crash: region 5 holds one granule, nothing more.
+            try Self.write(tracker, savedWrite.0, savedWrite.1)
+            try tracker.save()
+            // Journaled only (no save afterwards): regions 0, 2, 3 and 15.
+            for (offset, length) in [(UInt64(12345), UInt64(100)), (3 * Self.region - 4096, 8192), (size - 1, 1)] {
+                let regions = tracker.willModify(offset: offset, length: length)
+                #expect(regions != nil, "first write into a region of this epoch must journal it")
+                if let regions { try tracker.makeDurable(regions) }
+            }
+            // A second write into a journaled region needs no journal work.
+            #expect(tracker.willModify(offset: 2 * Self.region + 4096, length: 512) == nil)
+            // Dropped here without a clean save, as SIGKILL would.
+        }
+        #expect(try fixture.manifest()["cleanShutdown"] as? Bool == false)
+        #expect(try fixture.manifest()["generation"] as? Int == 0)
+
+        let expectedDirty = [ByteRun(0, Self.region), ByteRun(2 * Self.region, 2 * Self.region),
+                             ByteRun(5 * Self.region + (1 << 20), 65536), ByteRun(15 * Self.region, Self.region)]
+        let expectedFine = [ByteRun(0, Self.region), ByteRun(2 * Self.region, 2 * Self.region),
+                            ByteRun(5 * Self.region + (1 << 20), 4096), ByteRun(15 * Self.region, Self.region)]
+        do {
+            let (store, contents) = try fixture.open(size: size)
+            #expect(contents.recovered)
+            #expect(contents.generation == 1)
+            #expect(contents.bitmaps.map(\.name) == ["b0", "fine", "off"])
+            #expect(contents.bitmaps[0].bitmap.runs() == expectedDirty)
+            #expect(contents.bitmaps[1].bitmap.runs() == expectedFine)
+            #expect(contents.bitmaps[2].bitmap.isClean, "a bitmap that was not recording gains nothing")
+            let tracker = try DirtyTracker(store: store, contents: contents)
+            #expect(tracker.generation == 1)
+            #expect(tracker.query().map(\.generation) == [1, 1, 1])
+            #expect(try fixture.manifest()["generation"] as? Int == 1, "the recovery is saved at once")
+            // Journals of the replayed epochs are gone once the recovered bits are saved.
+            let epoch = try #require(fixture.manifest()["epoch"] as? Int)
+            let journals = try fixture.files().filter { $0.hasPrefix("journal-") }
+            #expect(journals == ["journal-\(epoch).log"])
+            try tracker.save(cleanShutdown: true)
+        }
+        // The recovered dirt was saved; a clean stop adds no generation.
+        let (_, contents) = try fixture.open(size: size)
+        #expect(!contents.recovered)
+        #expect(contents.generation == 1)
+        #expect(contents.bitmaps[0].bitmap.runs() == expectedDirty)
+        #expect(contents.bitmaps[1].bitmap.runs() == expectedFine)
+    }
+
+    @Test("a clean save before the stop: generation unchanged, no region-wide dirt")
+    func cleanStopAddsNothing() throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 8 * Self.region
+        let writes: [(UInt64, UInt64)] = [(4096, 512), (3 * Self.region + 100, 1), (size - 4096, 4096)]
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+            for (offset, length) in writes { try Self.write(tracker, offset, length) }
+            try tracker.save(cleanShutdown: true)
+        }
+        #expect(try fixture.manifest()["cleanShutdown"] as? Bool == true)
+        for round in 1...2 {
+            let (store, contents) = try fixture.open(size: size)
+            #expect(!contents.recovered, "round \(round)")
+            #expect(contents.generation == 0, "round \(round)")
+            #expect(contents.bitmaps[0].bitmap == Self.bitmap(size: size, granularity: 65536, writes), "round \(round)")
+            let tracker = try DirtyTracker(store: store, contents: contents)
+            #expect(tracker.generation == 0)
+            try tracker.save(cleanShutdown: true)
+        }
+    }
+
+    @Test("unclean stops without writes: generation counts them, no dirt appears")
+    func uncleanWithoutWrites() throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 4 * Self.region
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+        }
+        for expected in 1...2 {
+            let (store, contents) = try fixture.open(size: size)
+            #expect(contents.recovered)
+            #expect(contents.generation == UInt64(expected))
+            #expect(contents.bitmaps[0].bitmap.isClean)
+            _ = try DirtyTracker(store: store, contents: contents)
+        }
+    }
+
+    @Test("journal replay ignores a torn last record, ids beyond the image and journals of older epochs")
+    func journalGarbage() throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 8 * Self.region
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+            try Self.write(tracker, Self.region + 1, 1)  // journals region 1
+        }
+        let epoch = try #require(fixture.manifest()["epoch"] as? Int)
+        #expect(epoch >= 1)
+        let journal = fixture.store + "/journal-\(epoch).log"
+        let handle = try #require(FileHandle(forWritingAtPath: journal))
+        try handle.seekToEnd()
+        var bytes: [UInt8] = []
+        for value: UInt64 in [999, 1 << 40] { withUnsafeBytes(of: value.littleEndian) { bytes += $0 } }
+        bytes += [6, 0, 0]  // a torn record that would name region 6
+        try handle.write(contentsOf: Data(bytes))
+        try handle.close()
+        // A leftover journal of an older epoch naming region 7.
+        var stale: [UInt8] = []
+        withUnsafeBytes(of: UInt64(7).littleEndian) { stale += $0 }
+        try Data(stale).write(to: URL(fileURLWithPath: fixture.store + "/journal-\(epoch - 1).log"))
+
+        let (_, contents) = try fixture.open(size: size)
+        #expect(contents.recovered)
+        #expect(contents.bitmaps[0].bitmap.runs() == [ByteRun(Self.region, Self.region)])
+    }
+}
