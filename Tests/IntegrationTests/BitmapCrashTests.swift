@@ -10,7 +10,11 @@ struct BitmapCrashTests {
     static let region: UInt64 = 64 << 20
     /// 8 journal regions; writes go to 3 of them, so recovery must not dirty the others.
     static let size: UInt64 = 8 * region
-    static let hotRegions: [UInt64] = [1, 4, 7]
+    /// Written first, then FLUSHed (which saves the bits): not journaled when the kill comes.
+    static let savedRegion: UInt64 = 1
+    /// Written by the writers that are running when the kill comes.
+    static let hotRegions: [UInt64] = [4, 7]
+    static let writtenRegions: [UInt64] = [savedRegion] + hotRegions
     static let granule: UInt64 = 65536
     static let context = BitmapMaps.context("b0")
 
@@ -87,7 +91,7 @@ struct BitmapCrashTests {
         try ImageFile.createSparse(image, size: Int(Self.size))
         // Some data before the writes, so trims and zeroes change content too.
         let handle = try #require(FileHandle(forWritingAtPath: image))
-        for region in Self.hotRegions {
+        for region in Self.writtenRegions {
             try handle.seek(toOffset: region * Self.region + (3 << 20))
             try handle.write(contentsOf: Data(ImageFile.pattern(count: 2 << 20, offset: 0, seed: UInt8(region))))
         }
@@ -96,6 +100,24 @@ struct BitmapCrashTests {
         try ExternalTool.check("cp", ["--sparse=always", image, copy])
 
         let server = try TidemarkProcess.serve(image: image, in: directory, extraArguments: ["--bitmap", "b0"])
+
+        // Phase 1: a few writes into the saved region, then FLUSH, which saves the bits.
+        var savedGranules = Set<UInt64>()
+        let first = try server.connect(export: "disk")
+        for index in 0..<24 {
+            let length = (generator.next() % 300 + 1) * 512
+            let offset = Self.savedRegion * Self.region + (generator.next() % ((Self.region - length) / 512 + 1)) * 512
+            switch index % 4 {
+            case 0, 1: try first.pwrite([UInt8](repeating: UInt8(index * 2 + 1), count: Int(length)), offset: offset)
+            case 2: try first.zero(count: length, offset: offset)
+            default: try first.trim(count: length, offset: offset)
+            }
+            for granule in (offset / Self.granule)...((offset + length - 1) / Self.granule) { savedGranules.insert(granule) }
+        }
+        try first.flush()
+        try first.shutdown()
+
+        // Phase 2: writers in the hot regions until the server is killed.
         let progress = Progress()
         let group = DispatchGroup()
         var connections: [NBDConnection] = []
@@ -142,12 +164,21 @@ struct BitmapCrashTests {
         #expect(missing.isEmpty,
             "\(missing.count) of \(changed.count) changed granules are clean in the recovered bitmap, first at byte \(missing.first.map { UInt64($0) * Self.granule } ?? 0); \(context)")
         // Recovery widens to whole regions, but only to regions that were written.
+        var dirtyInSavedRegion = Set<UInt64>()
         for extent in BitmapMaps.dirtyRuns(map) {
             let first = extent.offset / Self.region
             let last = (extent.end - 1) / Self.region
-            #expect(Self.hotRegions.contains(first) && Self.hotRegions.contains(last),
-                "dirty extent \(extent) lies outside the written regions \(Self.hotRegions); \(context)")
+            #expect(Self.writtenRegions.contains(first) && Self.writtenRegions.contains(last),
+                "dirty extent \(extent) lies outside the written regions \(Self.writtenRegions); \(context)")
+            for granule in (extent.offset / Self.granule)...((extent.end - 1) / Self.granule)
+            where granule / (Self.region / Self.granule) == Self.savedRegion {
+                dirtyInSavedRegion.insert(granule)
+            }
         }
+        // The saved region was not journaled in the epoch that crashed: its bits are the
+        // saved ones, exactly the granules phase 1 touched.
+        #expect(dirtyInSavedRegion == savedGranules,
+            "saved region: \(dirtyInSavedRegion.subtracting(savedGranules).sorted().prefix(5)) dirty but never written, \(savedGranules.subtracting(dirtyInSavedRegion).sorted().prefix(5)) written but clean; \(context)")
         try reader.shutdown()
 
         // A clean stop after the recovery keeps the generation and the dirt.
