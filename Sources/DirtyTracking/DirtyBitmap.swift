@@ -65,7 +65,7 @@ public struct DirtyBitmap: Sendable, Equatable {
     /// Marks every granule that `[offset, offset+length)` touches (rounded outward).
     public mutating func markDirty(offset: UInt64, length: UInt64) {
         guard length > 0, offset < size else { return }
-        let end = min(size, offset &+ length < offset ? size : offset + length)
+        let end = Self.clippedEnd(offset: offset, length: length, size: size)
         let first = Int(offset >> granularityShift)
         let last = Int((end - 1) >> granularityShift)
         setBits(first...last)
@@ -168,7 +168,7 @@ public struct DirtyBitmap: Sendable, Equatable {
     /// Calls `body(offset, length)` for each maximal dirty byte range overlapping
     /// `[offset, offset+length)`, clipped to it, in order, until `body` returns false.
     public func forEachDirtyRun(offset: UInt64, length: UInt64, _ body: (UInt64, UInt64) -> Bool) {
-        let end = min(size, offset + length)
+        let end = Self.clippedEnd(offset: offset, length: length, size: size)
         guard offset < end else { return }
         var granule = Int(offset >> granularityShift)
         while let start = nextDirty(from: granule) {
@@ -182,6 +182,12 @@ public struct DirtyBitmap: Sendable, Equatable {
     }
 
     // MARK: - Helpers
+
+    /// `min(size, offset + length)` without overflowing.
+    static func clippedEnd(offset: UInt64, length: UInt64, size: UInt64) -> UInt64 {
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        return overflow ? size : min(size, end)
+    }
 
     private func summaryIndicesOfDirtyWords() -> [Int] {
         var result: [Int] = []

@@ -87,7 +87,7 @@ public final class DirtyTracker: Sendable {
             }
             guard state.journaling else { return nil }
             state.unsaved = true
-            let end = min(size, offset + length)
+            let end = DirtyBitmap.clippedEnd(offset: offset, length: length, size: size)
             guard offset < end else { return nil }
             let first = Int(offset / BitmapStore.regionSize)
             let last = Int((end - 1) / BitmapStore.regionSize)
@@ -225,7 +225,8 @@ public final class DirtyTracker: Sendable {
     public func extents(name: String, offset: UInt64, length: UInt64, maximumExtents: Int) throws(BitmapError) -> [DirtyExtent] {
         try state.withLock { (state: inout State) throws(BitmapError) -> [DirtyExtent] in
             guard let entry = state.bitmaps.first(where: { $0.name == name }) else { throw .notFound(name) }
-            let end = min(size, offset + length)
+            let end = DirtyBitmap.clippedEnd(offset: offset, length: length, size: size)
+            guard offset < end else { return [] }
             var result: [DirtyExtent] = []
             var position = offset
             entry.bitmap.forEachDirtyRun(offset: offset, length: end - offset) { start, runLength in

@@ -28,8 +28,15 @@ enum BitmapLoader {
                     "bitmaps of '\(imagePath)' recovered after an unclean stop; every region written since the last save is marked dirty (generation \(contents.generation))")
             }
             let tracker = try DirtyTracker(store: store, contents: contents)
-            let existing = Set(tracker.names)
-            for bitmap in bitmaps where !existing.contains(bitmap.name) {
+            let existing = Dictionary(tracker.query().map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+            for bitmap in bitmaps {
+                if let loaded = existing[bitmap.name] {
+                    if loaded.granularity != bitmap.granularity {
+                        logger.warning(
+                            "bitmap '\(bitmap.name)' already exists with granularity \(loaded.granularity); keeping it (granularity cannot change)")
+                    }
+                    continue
+                }
                 try tracker.add(name: bitmap.name, granularity: bitmap.granularity, persistent: true)
             }
             return tracker
