@@ -186,8 +186,14 @@ public final class NBDConnection: @unchecked Sendable {
 
     // MARK: - Commands
 
-    /// `NBD_CMD_READ`: reads `count` bytes at `offset`. Flags: `.df`, `.fua`.
+    /// `NBD_CMD_READ`: reads `count` bytes at `offset`.
+    ///
+    /// libnbd's plain `nbd_pread` takes no flags, so a read with flags (`.df`) goes through
+    /// ``preadChunks(count:offset:flags:)``.
     public func pread(count: Int, offset: UInt64, flags: NBDCommandFlags = []) throws(NBDClientError) -> [UInt8] {
+        if !flags.isEmpty {
+            return try preadChunks(count: count, offset: offset, flags: flags).data
+        }
         var failure: NBDClientError?
         // At least one byte of capacity so the buffer pointer is never NULL, even for the
         // zero-length reads tests send with strict mode off.
@@ -201,6 +207,37 @@ public final class NBDConnection: @unchecked Sendable {
         }
         if let failure { throw failure }
         return data
+    }
+
+    /// `NBD_CMD_READ` through `nbd_pread_structured`: the data plus the structured-reply
+    /// chunks it arrived in (one `.data` chunk at most when `flags` has `.df`). Without
+    /// structured replies libnbd reports the whole simple reply as one data chunk.
+    public func preadChunks(
+        count: Int, offset: UInt64, flags: NBDCommandFlags = []
+    ) throws(NBDClientError) -> (data: [UInt8], chunks: [NBDReadChunk]) {
+        let collector = ChunkCollector()
+        let callback = nbd_chunk_callback(
+            callback: { userData, _, count, offset, status, _ in
+                guard let userData else { return 0 }
+                let collector = Unmanaged<ChunkCollector>.fromOpaque(userData).takeUnretainedValue()
+                collector.append(offset: offset, count: count, status: status)
+                return 0
+            },
+            // Unretained: the call is synchronous and `collector` outlives it.
+            user_data: Unmanaged.passUnretained(collector).toOpaque(),
+            free: nil
+        )
+        var failure: NBDClientError?
+        let data = withExtendedLifetime(collector) {
+            [UInt8](unsafeUninitializedCapacity: max(count, 1)) { buffer, initialized in
+                if nbd_pread_structured(handle, buffer.baseAddress!, count, offset, callback, flags.rawValue) == -1 {
+                    failure = NBDClientError.last("nbd_pread_structured")
+                }
+                initialized = count
+            }
+        }
+        if let failure { throw failure }
+        return (data, collector.chunks)
     }
 
     /// `NBD_CMD_WRITE`: writes `data` at `offset`. Flags: `.fua`.

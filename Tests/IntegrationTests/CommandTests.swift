@@ -88,16 +88,38 @@ struct CommandTests {
         #expect(try connection.pread(count: 65536, offset: 131072) == data)
     }
 
-    @Test("READ with DF returns the data in one piece, across data and holes")
+    @Test("READ with DF returns the data in a single data chunk, across data and holes")
     func readDF() throws {
         let fixture = try ServerFixture()
         let connection = try fixture.connect()
         let data = ImageFile.constant(0x5A, count: 4096)
         try connection.pwrite(data, offset: 65536)
-        let read = try connection.pread(count: 65536, offset: 32768, flags: [.df])
+        let read = try connection.preadChunks(count: 65536, offset: 32768, flags: [.df])
         var expected = ImageFile.constant(0, count: 65536)
         expected.replaceSubrange(32768..<(32768 + 4096), with: data)
-        #expect(read == expected)
+        #expect(read.data == expected)
+        #expect(read.chunks == [NBDReadChunk(offset: 32768, count: 65536, kind: .data)])
+    }
+
+    @Test("structured READ chunks tile the request exactly, whatever mix of data and holes")
+    func structuredReadChunks() throws {
+        let fixture = try ServerFixture()
+        let connection = try fixture.connect()
+        try connection.pwrite(ImageFile.constant(0x11, count: 8192), offset: 1 << 20)
+        let offset: UInt64 = (1 << 20) - 65536
+        let read = try connection.preadChunks(count: 4 << 20, offset: offset)
+        var expected = ImageFile.constant(0, count: 4 << 20)
+        expected.replaceSubrange(65536..<(65536 + 8192), with: ImageFile.constant(0x11, count: 8192))
+        #expect(read.data == expected)
+        let chunks = read.chunks.sorted { $0.offset < $1.offset }
+        #expect(!chunks.contains { $0.kind != .data && $0.kind != .hole }, "\(chunks)")
+        var position = offset
+        for chunk in chunks {
+            #expect(chunk.offset == position, "chunks must not overlap or leave gaps: \(chunks)")
+            #expect(chunk.count > 0)
+            position = chunk.offset + UInt64(chunk.count)
+        }
+        #expect(position == offset + (4 << 20))
     }
 
     @Test("FLUSH succeeds after writes and with nothing to flush")
