@@ -207,6 +207,54 @@ final class RawNBDSocket {
         return SimpleReply(error: Self.u32(header, 4), cookie: Self.u64(header, 8))
     }
 
+    /// One transmission reply, simple or structured, reduced to what tests check.
+    struct TransmissionReply {
+        /// The error of a simple reply or of the first error chunk; 0 on success.
+        let error: UInt32
+        let cookie: UInt64
+        let structured: Bool
+        /// Chunk types received (structured replies only).
+        let chunkTypes: [UInt16]
+    }
+
+    /// Reads a whole reply: one simple reply, or structured chunks up to the DONE flag.
+    /// `readLength` is the data length a successful simple READ reply carries.
+    func readReply(readLength: Int = 0) throws -> TransmissionReply {
+        let magic = Self.u32(try receive(4), 0)
+        switch magic {
+        case Self.simpleReplyMagic:
+            let rest = try receive(12)
+            let error = Self.u32(rest, 0)
+            if error == 0 && readLength > 0 { _ = try receive(readLength) }
+            return TransmissionReply(error: error, cookie: Self.u64(rest, 4), structured: false, chunkTypes: [])
+        case Self.structuredReplyMagic:
+            var header = try receive(16)
+            var error: UInt32 = 0
+            var types: [UInt16] = []
+            while true {
+                let flags = Self.u16(header, 0)
+                let type = Self.u16(header, 2)
+                let length = Int(Self.u32(header, 12))
+                guard length <= 64 << 20 else { throw HarnessError("chunk too long: \(length)") }
+                let payload = try receive(length)
+                types.append(type)
+                if type & 0x8000 != 0, error == 0, payload.count >= 4 {
+                    error = Self.u32(payload, 0)
+                }
+                if flags & 1 != 0 {
+                    return TransmissionReply(error: error, cookie: Self.u64(header, 4), structured: true, chunkTypes: types)
+                }
+                let next = try receive(20)
+                guard Self.u32(next, 0) == Self.structuredReplyMagic else {
+                    throw HarnessError("expected another structured chunk, got magic \(String(Self.u32(next, 0), radix: 16))")
+                }
+                header = Array(next[4...])
+            }
+        default:
+            throw HarnessError("bad reply magic \(String(magic, radix: 16))")
+        }
+    }
+
     // MARK: - Big-endian helpers
 
     static func be<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
