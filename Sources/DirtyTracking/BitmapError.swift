@@ -6,6 +6,7 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
     case notFound(String)
     case invalidGranularity(UInt64)
     case busy(String)
+    case notACheckpoint(String)
     case sizeMismatch(target: String, source: String)
     case storeUnavailable(String)
     case storeCorrupt(path: String, reason: String)
@@ -24,6 +25,8 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
             return "granularity \(value) is invalid: it must be a power of two from 512 B to 2 GiB"
         case .busy(let name):
             return "bitmap '\(name)' is currently in use by another operation and cannot be used"
+        case .notACheckpoint(let name):
+            return "bitmap '\(name)' is not a pending checkpoint increment"
         case .sizeMismatch(let target, let source):
             return "bitmaps '\(target)' and '\(source)' cover different sizes"
         case .storeUnavailable(let reason):

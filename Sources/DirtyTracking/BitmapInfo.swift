@@ -14,10 +14,12 @@ public struct BitmapInfo: Sendable, Equatable, Codable {
     /// Unclean recoveries the bitmap's store has been through (0 for a bitmap that
     /// never saw a crash, or that is not persistent).
     public var generation: UInt64
+    /// For a checkpoint's frozen increment, the bitmap it was taken from.
+    public var checkpointOf: String?
 
     public init(
         name: String, count: UInt64, granularity: UInt64, recording: Bool, busy: Bool, persistent: Bool,
-        generation: UInt64
+        generation: UInt64, checkpointOf: String? = nil
     ) {
         self.name = name
         self.count = count
@@ -26,6 +28,7 @@ public struct BitmapInfo: Sendable, Equatable, Codable {
         self.busy = busy
         self.persistent = persistent
         self.generation = generation
+        self.checkpointOf = checkpointOf
     }
 }
 

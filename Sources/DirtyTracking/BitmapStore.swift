@@ -34,6 +34,9 @@ public final class BitmapStore: @unchecked Sendable {
             public var name: String
             public var bitmap: DirtyBitmap
             public var recording: Bool
+            /// Set for a checkpoint increment still pending completion.
+            public var checkpointOf: String?
+            public var consumed: Bool
         }
         public var bitmaps: [Bitmap]
         public var generation: UInt64
@@ -131,7 +134,9 @@ public final class BitmapStore: @unchecked Sendable {
                 else {
                     throw .storeCorrupt(path: path, reason: "bitmap '\(entry.name)' does not match the image size")
                 }
-                bitmaps.append(.init(name: entry.name, bitmap: bitmap, recording: entry.recording))
+                bitmaps.append(.init(
+                    name: entry.name, bitmap: bitmap, recording: entry.recording,
+                    checkpointOf: entry.checkpointOf, consumed: entry.consumed ?? false))
             }
         }
         var generation = state.generation
@@ -194,7 +199,15 @@ public final class BitmapStore: @unchecked Sendable {
 
     /// A copy of the persistent bitmaps taken at an epoch switch.
     struct Snapshot {
-        var bitmaps: [(name: String, granularity: UInt64, recording: Bool, words: [UInt64])]
+        struct Bitmap {
+            var name: String
+            var granularity: UInt64
+            var recording: Bool
+            var checkpointOf: String?
+            var consumed: Bool
+            var words: [UInt64]
+        }
+        var bitmaps: [Bitmap]
         var epoch: UInt64
         var generation: UInt64
     }
@@ -209,7 +222,8 @@ public final class BitmapStore: @unchecked Sendable {
             FileIO.encodeWords(bitmap.words, into: &data)
             entries.append(.init(
                 name: bitmap.name, granularity: bitmap.granularity, recording: bitmap.recording,
-                wordCount: bitmap.words.count, checksum: Checksum.fnv1a(bitmap.words)))
+                wordCount: bitmap.words.count, checksum: Checksum.fnv1a(bitmap.words),
+                checkpointOf: bitmap.checkpointOf, consumed: bitmap.consumed ? true : nil))
         }
         try FileIO.writeAtomically(data, to: dataPath(dataName), directory: directory)
         let state = StoredState(

@@ -12,6 +12,10 @@ public final class DirtyTracker: Sendable {
         var recording: Bool
         var persistent: Bool
         var busy: Bool
+        /// For a checkpoint's frozen increment: the bitmap it was taken from.
+        var checkpointOf: String? = nil
+        /// For an increment: the checkpoint ended tracking of its bitmap (`consume`).
+        var consumed = false
     }
 
     struct State {
@@ -54,7 +58,9 @@ public final class DirtyTracker: Sendable {
         self.store = store
         var initial = State(durableRegions: Self.regionMap(size: store.imageSize), epoch: contents.epoch, generation: contents.generation)
         initial.bitmaps = contents.bitmaps.map {
-            NamedBitmap(name: $0.name, bitmap: $0.bitmap, recording: $0.recording, persistent: true, busy: false)
+            NamedBitmap(
+                name: $0.name, bitmap: $0.bitmap, recording: $0.recording, persistent: true,
+                busy: $0.checkpointOf != nil, checkpointOf: $0.checkpointOf, consumed: $0.consumed)
         }
         initial.refreshJournaling()
         self.state = Mutex(initial)
@@ -128,8 +134,10 @@ public final class DirtyTracker: Sendable {
                     state.unsaved = false
                     let saved = state.bitmaps.filter(\.persistent).map { entry in
                         // A real copy: sharing storage would make the next write copy it.
-                        (name: entry.name, granularity: entry.bitmap.granularity, recording: entry.recording,
-                         words: entry.bitmap.leafWords.withUnsafeBufferPointer { Array($0) })
+                        BitmapStore.Snapshot.Bitmap(
+                            name: entry.name, granularity: entry.bitmap.granularity, recording: entry.recording,
+                            checkpointOf: entry.checkpointOf, consumed: entry.consumed,
+                            words: entry.bitmap.leafWords.withUnsafeBufferPointer { Array($0) })
                     }
                     return BitmapStore.Snapshot(bitmaps: saved, epoch: state.epoch, generation: state.generation)
                 }
@@ -148,61 +156,61 @@ public final class DirtyTracker: Sendable {
 
     // MARK: - Management
 
+    /// Applies operations in order, all or nothing, atomically with respect to writes:
+    /// every write lands wholly before or wholly after them. On the first error nothing
+    /// has changed and the error is thrown. Persistent changes are saved before returning.
+    public func perform(_ operations: [BitmapOperation]) throws(BitmapError) {
+        let touchedPersistent = try state.withLock { (state: inout State) throws(BitmapError) -> Bool in
+            // Keep the old array: it shares storage until an operation mutates a bitmap,
+            // so the rollback copy costs only what the operations touch.
+            let before = state.bitmaps
+            do throws(BitmapError) {
+                var persistent = false
+                for operation in operations {
+                    persistent = try state.apply(operation, size: size, hasStore: store != nil) || persistent
+                }
+                state.refreshJournaling()
+                return persistent
+            } catch {
+                state.bitmaps = before
+                throw error
+            }
+        }
+        if touchedPersistent { try save() }
+    }
+
+    /// Checks that `operations` would succeed now, without changing anything.
+    public func validate(_ operations: [BitmapOperation]) throws(BitmapError) {
+        try state.withLock { (state: inout State) throws(BitmapError) in
+            var scratch = state
+            for operation in operations {
+                _ = try scratch.apply(operation, size: size, hasStore: store != nil)
+            }
+        }
+    }
+
     /// Adds a bitmap (QEMU's `block-dirty-bitmap-add`).
     public func add(
         name: String, granularity: UInt64 = BitmapLimits.defaultGranularity, persistent: Bool, recording: Bool = true
     ) throws(BitmapError) {
-        guard !name.isEmpty, name.utf8.count <= BitmapLimits.maximumNameLength else { throw .invalidName(name) }
-        guard BitmapLimits.isValidGranularity(granularity) else { throw .invalidGranularity(granularity) }
-        if persistent && store == nil {
-            throw .storeUnavailable("this image has no bitmap store; add the bitmap with persistent=false")
-        }
-        try mutate(persisting: persistent) { (state: inout State) throws(BitmapError) in
-            guard !state.bitmaps.contains(where: { $0.name == name }) else { throw .duplicateName(name) }
-            state.bitmaps.append(NamedBitmap(
-                name: name, bitmap: DirtyBitmap(size: size, granularity: granularity),
-                recording: recording, persistent: persistent, busy: false))
-        }
+        try perform([.add(name: name, granularity: granularity, persistent: persistent, recording: recording)])
     }
 
     /// Removes a bitmap.
-    public func remove(name: String) throws(BitmapError) {
-        try mutate(named: name) { (state: inout State, index: Int) throws(BitmapError) in
-            state.bitmaps.remove(at: index)
-        }
-    }
+    public func remove(name: String) throws(BitmapError) { try perform([.remove(name: name)]) }
 
     /// Clears every bit of a bitmap.
-    public func clear(name: String) throws(BitmapError) {
-        try mutate(named: name) { (state: inout State, index: Int) throws(BitmapError) in
-            state.bitmaps[index].bitmap.clearAll()
-        }
-    }
+    public func clear(name: String) throws(BitmapError) { try perform([.clear(name: name)]) }
 
     /// Starts or stops recording writes into a bitmap.
     public func setRecording(name: String, _ recording: Bool) throws(BitmapError) {
-        try mutate(named: name) { (state: inout State, index: Int) throws(BitmapError) in
-            state.bitmaps[index].recording = recording
-        }
+        try perform([.setRecording(name: name, recording)])
     }
 
     /// ORs `sources` into `target` (QEMU's `block-dirty-bitmap-merge`): all or nothing;
     /// on any error the target is untouched.
     public func merge(target: String, sources: [String]) throws(BitmapError) {
-        try mutate(named: target) { (state: inout State, targetIndex: Int) throws(BitmapError) in
-            var sourceIndices: [Int] = []
-            for source in sources {
-                guard let index = state.bitmaps.firstIndex(where: { $0.name == source }) else {
-                    throw .notFound(source)
-                }
-                guard !state.bitmaps[index].busy || index == targetIndex else { throw .busy(source) }
-                sourceIndices.append(index)
-            }
-            for index in sourceIndices where index != targetIndex {
-                let source = state.bitmaps[index].bitmap
-                state.bitmaps[targetIndex].bitmap.merge(source)
-            }
-        }
+        try perform([.merge(target: target, sources: sources)])
     }
 
     /// Every bitmap, in creation order.
@@ -212,7 +220,7 @@ public final class DirtyTracker: Sendable {
                 BitmapInfo(
                     name: entry.name, count: entry.bitmap.dirtyBytes, granularity: entry.bitmap.granularity,
                     recording: entry.recording, busy: entry.busy, persistent: entry.persistent,
-                    generation: entry.persistent ? state.generation : 0)
+                    generation: entry.persistent ? state.generation : 0, checkpointOf: entry.checkpointOf)
             }
         }
     }
@@ -243,31 +251,5 @@ public final class DirtyTracker: Sendable {
             }
             return result
         }
-    }
-
-    // MARK: - Helpers
-
-    private func mutate(
-        persisting: Bool, _ body: (inout State) throws(BitmapError) -> Void
-    ) throws(BitmapError) {
-        try state.withLock { (state: inout State) throws(BitmapError) in
-            try body(&state)
-            state.refreshJournaling()
-        }
-        if persisting { try save() }
-    }
-
-    private func mutate(
-        named name: String, _ body: (inout State, Int) throws(BitmapError) -> Void
-    ) throws(BitmapError) {
-        let persistent = try state.withLock { (state: inout State) throws(BitmapError) -> Bool in
-            guard let index = state.bitmaps.firstIndex(where: { $0.name == name }) else { throw .notFound(name) }
-            guard !state.bitmaps[index].busy else { throw .busy(name) }
-            let persistent = state.bitmaps[index].persistent
-            try body(&state, index)
-            state.refreshJournaling()
-            return persistent
-        }
-        if persistent { try save() }
     }
 }

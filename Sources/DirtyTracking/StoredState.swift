@@ -11,6 +11,10 @@ struct StoredState: Codable, Equatable {
         var wordCount: Int
         /// FNV-1a over the words, to catch a damaged data file.
         var checksum: UInt64
+        /// For a pending checkpoint increment: the bitmap it was taken from.
+        var checkpointOf: String?
+        /// For an increment whose checkpoint ended tracking of its bitmap.
+        var consumed: Bool?
     }
 
     var version: Int
