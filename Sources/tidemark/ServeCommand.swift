@@ -140,12 +140,11 @@ struct ServeCommand: AsyncParsableCommand {
             specifications = [ExportSpecification(name: name, path: Self.defaultImagePath, readOnly: readOnly)]
         }
         return try specifications.enumerated().map { index, specification in
-            let image = try RawImage(path: specification.path, readOnly: specification.readOnly)
-            let tracker = try BitmapLoader.tracker(
-                imagePath: specification.path, image: image, bitmaps: index == 0 ? requestedBitmaps : [], logger: logger)
-            return Export(
-                name: specification.name, description: description, image: image, readOnly: specification.readOnly,
-                tracker: tracker)
+            try ExportOpener.open(
+                name: specification.name, path: specification.path, readOnly: specification.readOnly,
+                description: description,
+                bitmaps: index == 0 ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
+                logger: logger)
         }
     }
 

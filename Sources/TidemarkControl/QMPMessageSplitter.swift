@@ -1,0 +1,83 @@
+/// Cuts a QMP byte stream into top-level JSON objects.
+///
+/// QMP clients may send several commands in one write, one command across several
+/// writes, with or without newlines between them, so the splitter tracks nesting,
+/// strings and escapes byte by byte. Messages are bounded: a hostile client cannot make
+/// the server buffer without limit.
+public struct QMPMessageSplitter {
+    /// What feeding bytes produced.
+    public enum Output: Equatable {
+        case message([UInt8])
+        /// A message grew past the limit; its bytes up to the next top-level close are
+        /// discarded and the client gets an error.
+        case oversized
+        /// Bytes outside any object that are not whitespace.
+        case garbage
+    }
+
+    public static let defaultMaximumMessageSize = 1 << 20
+
+    public let maximumMessageSize: Int
+    private var current: [UInt8] = []
+    private var depth = 0
+    private var inString = false
+    private var escaped = false
+    private var overflowed = false
+
+    public init(maximumMessageSize: Int = Self.defaultMaximumMessageSize) {
+        self.maximumMessageSize = maximumMessageSize
+    }
+
+    /// Feeds bytes and returns every complete message or problem they finish.
+    public mutating func feed(_ bytes: some Sequence<UInt8>) -> [Output] {
+        var outputs: [Output] = []
+        for byte in bytes {
+            if depth == 0 {
+                switch byte {
+                case UInt8(ascii: "{"):
+                    depth = 1
+                    current = [byte]
+                    overflowed = false
+                case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"):
+                    continue
+                default:
+                    if outputs.last != .garbage { outputs.append(.garbage) }
+                }
+                continue
+            }
+            if !overflowed {
+                if current.count >= maximumMessageSize {
+                    overflowed = true
+                    current = []
+                } else {
+                    current.append(byte)
+                }
+            }
+            if inString {
+                if escaped {
+                    escaped = false
+                } else if byte == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if byte == UInt8(ascii: "\"") {
+                    inString = false
+                }
+                continue
+            }
+            switch byte {
+            case UInt8(ascii: "\""):
+                inString = true
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                depth += 1
+            case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                depth -= 1
+                if depth == 0 {
+                    outputs.append(overflowed ? .oversized : .message(current))
+                    current = []
+                }
+            default:
+                break
+            }
+        }
+        return outputs
+    }
+}

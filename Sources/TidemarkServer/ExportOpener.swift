@@ -1,0 +1,76 @@
+import BlockStorage
+import DirtyTracking
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Opens an image and its bitmap store as an export, for the command line and for
+/// `block-export-add` alike.
+public enum ExportOpener {
+    /// A bitmap to create on the export unless it already exists.
+    public struct BitmapRequest: Sendable, Equatable {
+        public var name: String
+        public var granularity: UInt64
+
+        public init(name: String, granularity: UInt64) {
+            self.name = name
+            self.granularity = granularity
+        }
+    }
+
+    /// Opens `path` as export `name`.
+    ///
+    /// Writable regular files always get their sidecar store (`PATH.tidemark/`), so
+    /// persistent bitmaps can be added at any time and two servers cannot write one image
+    /// unknowingly; read-only images and block devices get one when it exists or bitmaps
+    /// are asked for. A damaged store is reported (naming the file) and the image is
+    /// served without its bitmaps; a store held elsewhere is an error for a writable export.
+    public static func open(
+        name: String, path: String, readOnly: Bool, description: String, bitmaps: [BitmapRequest], logger: Logger
+    ) throws -> Export {
+        let image = try RawImage(path: path, readOnly: readOnly)
+        let tracker = try tracker(imagePath: path, image: image, readOnly: readOnly, bitmaps: bitmaps, logger: logger)
+        return Export(name: name, description: description, image: image, readOnly: readOnly, tracker: tracker)
+    }
+
+    static func tracker(
+        imagePath: String, image: RawImage, readOnly: Bool, bitmaps: [BitmapRequest], logger: Logger
+    ) throws -> DirtyTracker? {
+        let directory = BitmapStore.directory(forImage: imagePath)
+        var info = stat()
+        let storeExists = stat(directory, &info) == 0
+        let wantsStore = (!readOnly && !image.isBlockDevice) || !bitmaps.isEmpty
+        guard storeExists || wantsStore else { return nil }
+        do throws(BitmapError) {
+            let (store, contents) = try BitmapStore.open(imagePath: imagePath, imageSize: image.size)
+            if contents.recovered {
+                logger.warning(
+                    "bitmaps of '\(imagePath)' recovered after an unclean stop; every region written since the last save is marked dirty (generation \(contents.generation))")
+            }
+            let tracker = try DirtyTracker(store: store, contents: contents)
+            let existing = Dictionary(tracker.query().map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+            for bitmap in bitmaps {
+                if let loaded = existing[bitmap.name] {
+                    if loaded.granularity != bitmap.granularity {
+                        logger.warning(
+                            "bitmap '\(bitmap.name)' already exists with granularity \(loaded.granularity); keeping it (granularity cannot change)")
+                    }
+                    continue
+                }
+                try tracker.add(name: bitmap.name, granularity: bitmap.granularity, persistent: true)
+            }
+            return tracker
+        } catch .storeLocked(let path) {
+            // A read-only export of an image another export or server writes can go
+            // without bitmaps; a second writer cannot.
+            guard readOnly else { throw BitmapError.storeLocked(path: path) }
+            logger.warning("\(BitmapError.storeLocked(path: path)); serving '\(imagePath)' read-only without bitmaps")
+            return nil
+        } catch {
+            logger.error("\(error); serving '\(imagePath)' without bitmaps")
+            return nil
+        }
+    }
+}
