@@ -105,6 +105,29 @@ final class TidemarkProcess: @unchecked Sendable {
         )
     }
 
+    /// Serves `image` as `name` on `127.0.0.1` and a TCP port picked at random from a high
+    /// range, retrying with another port when the server cannot start (the port may be
+    /// taken: `--port 0` is not part of the CLI contract).
+    static func serveTCP(
+        image: String, name: String = "disk", in directory: TestDirectory, extraArguments: [String] = [],
+        attempts: Int = 8
+    ) throws -> (server: TidemarkProcess, port: Int) {
+        var lastError: (any Error)?
+        for _ in 0..<attempts {
+            let port = Int.random(in: 20_000..<60_000)
+            do {
+                let server = try TidemarkProcess(
+                    arguments: ["serve", image, "--name", name, "--bind", "127.0.0.1", "--port", String(port)]
+                        + extraArguments,
+                    directory: directory)
+                return (server, port)
+            } catch {
+                lastError = error
+            }
+        }
+        throw HarnessError("could not start a TCP listener in \(attempts) attempts; last error: \(lastError.map { "\($0)" } ?? "none")")
+    }
+
     deinit {
         if process.isRunning {
             kill(process.processIdentifier, SIGKILL)
