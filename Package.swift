@@ -46,13 +46,24 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // QMP-compatible management socket: bitmap commands, transactions, checkpoints.
+        .target(
+            name: "TidemarkControl",
+            dependencies: [
+                "TidemarkServer", "DirtyTracking", "BlockStorage",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
         // libnbd, the C client library behind nbdinfo, nbdcopy and fio's nbd engine.
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(name: "NBDClient", dependencies: ["CLibNBD"], swiftSettings: strictSettings),
         .executableTarget(
             name: "tidemark",
             dependencies: [
-                "TidemarkServer", "BlockStorage", "DirtyTracking",
+                "TidemarkServer", "TidemarkControl", "BlockStorage", "DirtyTracking",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -66,6 +77,11 @@ let package = Package(
         .testTarget(
             name: "BlockStorageTests",
             dependencies: ["BlockStorage"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "TidemarkControlTests",
+            dependencies: ["TidemarkControl"],
             swiftSettings: strictSettings
         ),
         .testTarget(

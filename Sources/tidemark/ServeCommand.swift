@@ -4,6 +4,8 @@ import DirtyTracking
 import Dispatch
 import Logging
 import NIOCore
+import NIOPosix
+import TidemarkControl
 import TidemarkServer
 
 #if canImport(Glibc)
@@ -25,6 +27,10 @@ struct ServeCommand: AsyncParsableCommand {
 
     static let defaultImagePath = "tidemark-data/disk.img"
     static let defaultImageSize: UInt64 = 1 << 30
+    static let defaultControlPath = "tidemark-data/control.sock"
+
+    /// True when neither IMAGE nor --export was given.
+    private var usesDefaultImage: Bool { image == nil && exports.isEmpty }
 
     @Argument(help: "Raw image file or block device to serve.")
     var image: String?
@@ -57,6 +63,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "TCP port to listen on.")
     var port: Int?
 
+    @Option(help: "QMP management socket (default with the default image: ./tidemark-data/control.sock).")
+    var control: String?
+
+    @Option(help: "Seconds a checkpoint whose client disconnected stays pending before it is aborted.")
+    var checkpointTimeout: Int = 60
+
     @Option(help: "Most client connections at once.")
     var maxConnections: Int = 1024
 
@@ -76,6 +88,7 @@ struct ServeCommand: AsyncParsableCommand {
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
+        if checkpointTimeout < 0 { throw ValidationError("--checkpoint-timeout cannot be negative") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         for spec in exports { _ = try ExportSpecification(parsing: spec) }
         for spec in bitmaps { _ = try BitmapSpecification(parsing: spec) }
@@ -103,8 +116,17 @@ struct ServeCommand: AsyncParsableCommand {
             ioThreadCount: max(1, ioThreads)
         )
         let server = NBDServer(configuration: configuration, registry: registry, logger: logger)
-        let signals = SignalWaiter(signals: [SIGINT, SIGTERM])
+        let shutdown = ShutdownTrigger(signals: [SIGINT, SIGTERM])
         let bound = try await server.start()
+        let controlGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let controlPlane = ControlPlane(
+            registry: registry, logger: logger, checkpointTimeout: .seconds(Int64(checkpointTimeout)),
+            timerLoop: controlGroup.next(), onQuit: { shutdown.trigger("quit command") })
+        var controlServer: ControlServer?
+        if let controlPath = control ?? (usesDefaultImage ? Self.defaultControlPath : nil) {
+            controlServer = try await ControlServer.start(path: controlPath, control: controlPlane, group: controlGroup)
+            logger.info("control socket at \(controlPath)")
+        }
         let defaultName = registry.all.first?.name ?? ""
         for listener in bound {
             let line = "listening on \(listener.uri(exportName: defaultName))"
@@ -115,9 +137,12 @@ struct ServeCommand: AsyncParsableCommand {
             }
         }
         fflush(nil)
-        let signal = await signals.wait()
-        logger.info("received signal \(signal); finishing in-flight requests")
+        let reason = await shutdown.wait()
+        logger.info("stopping (\(reason)); finishing in-flight requests")
+        await controlServer?.close()
         await server.shutdown()
+        await controlPlane.shutdown()
+        try? await controlGroup.shutdownGracefully()
         logger.info("stopped")
     }
 

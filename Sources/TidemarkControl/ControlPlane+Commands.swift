@@ -1,0 +1,296 @@
+import BlockStorage
+import DirtyTracking
+import Logging
+import NIOCore
+import TidemarkServer
+
+extension ControlPlane {
+    /// Every command, as `query-commands` lists them.
+    static let commandNames: [String] = [
+        "qmp_capabilities", "query-version", "query-commands", "quit",
+        "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+        "transaction", "query-block-exports", "query-named-block-nodes", "query-checkpoints",
+        "block-export-add", "block-export-del",
+        "checkpoint-create", "checkpoint-complete", "checkpoint-abort",
+    ]
+
+    /// Bitmap commands that may appear as transaction actions, with their parameters.
+    static let bitmapCommandParameters: [String: Set<String>] = [
+        "block-dirty-bitmap-add": ["node", "name", "granularity", "persistent", "disabled"],
+        "block-dirty-bitmap-remove": ["node", "name"],
+        "block-dirty-bitmap-clear": ["node", "name"],
+        "block-dirty-bitmap-enable": ["node", "name"],
+        "block-dirty-bitmap-disable": ["node", "name"],
+        "block-dirty-bitmap-merge": ["node", "target", "bitmaps"],
+    ]
+
+    func execute(_ command: String, arguments: JSONValue?, session: UInt64) throws(QMPError) -> JSONValue {
+        if let parameters = Self.bitmapCommandParameters[command] {
+            let (export, operation) = try bitmapOperation(command, QMPArguments(arguments, allowed: parameters))
+            try perform([(export, [operation])])
+            return [:]
+        }
+        switch command {
+        case "qmp_capabilities":
+            throw QMPError(.commandNotFound, "Capabilities negotiation is already complete, command ignored")
+        case "query-version":
+            _ = try QMPArguments(arguments, allowed: [])
+            return [
+                "qemu": [
+                    "major": .int(Int64(Self.version.major)), "minor": .int(Int64(Self.version.minor)),
+                    "micro": .int(Int64(Self.version.micro)),
+                ],
+                "package": "tidemark",
+            ]
+        case "query-commands":
+            _ = try QMPArguments(arguments, allowed: [])
+            return .array(Self.commandNames.map { ["name": .string($0)] })
+        case "quit":
+            _ = try QMPArguments(arguments, allowed: [])
+            quit()
+            return [:]
+        case "transaction":
+            return try transaction(QMPArguments(arguments, allowed: ["actions", "properties"]))
+        case "query-block-exports":
+            _ = try QMPArguments(arguments, allowed: [])
+            return .array(registry.all.map { export in
+                ["id": .string(export.name), "type": "nbd", "node-name": .string(export.name), "shutting-down": false]
+            })
+        case "query-named-block-nodes":
+            _ = try QMPArguments(arguments, allowed: ["flat"])
+            return .array(registry.all.map(Self.describeNode))
+        case "query-checkpoints":
+            _ = try QMPArguments(arguments, allowed: [])
+            return .array(registry.all.flatMap { export in
+                export.tracker.query().compactMap { bitmap -> JSONValue? in
+                    guard let origin = bitmap.checkpointOf else { return nil }
+                    return [
+                        "node": .string(export.name), "name": .string(bitmap.name), "bitmap": .string(origin),
+                        "count": .int(Int64(bitmap.count)),
+                    ]
+                }
+            })
+        case "block-export-add":
+            return try addExport(QMPArguments(
+                arguments, allowed: ["type", "id", "filename", "name", "node-name", "writable", "description"]))
+        case "block-export-del":
+            return try deleteExport(QMPArguments(arguments, allowed: ["id", "mode"]))
+        case "checkpoint-create":
+            return try createCheckpoint(
+                QMPArguments(
+                    arguments,
+                    allowed: ["node", "bitmap", "name", "consume", "abort-on-disconnect", "timeout"]),
+                session: session)
+        case "checkpoint-complete", "checkpoint-abort":
+            return try finishCheckpoint(command, QMPArguments(arguments, allowed: ["node", "name"]))
+        default:
+            throw QMPError(.commandNotFound, "The command \(command) has not been found")
+        }
+    }
+
+    // MARK: - Bitmaps
+
+    func export(_ node: String) throws(QMPError) -> Export {
+        guard let export = registry.export(named: node), !node.isEmpty else {
+            throw QMPError(.genericError, "Cannot find device=\(node) nor node_name=\(node)")
+        }
+        return export
+    }
+
+    /// Turns one bitmap command into the operation it stands for.
+    func bitmapOperation(_ command: String, _ arguments: QMPArguments) throws(QMPError) -> (Export, BitmapOperation) {
+        let export = try export(arguments.string("node"))
+        switch command {
+        case "block-dirty-bitmap-add":
+            let name = try arguments.string("name")
+            let granularity = try arguments.optionalUInt("granularity") ?? BitmapLimits.defaultGranularity
+            return (export, .add(
+                name: name, granularity: granularity, persistent: try arguments.bool("persistent", default: false),
+                recording: !(try arguments.bool("disabled", default: false))))
+        case "block-dirty-bitmap-remove":
+            return (export, .remove(name: try arguments.string("name")))
+        case "block-dirty-bitmap-clear":
+            return (export, .clear(name: try arguments.string("name")))
+        case "block-dirty-bitmap-enable":
+            return (export, .setRecording(name: try arguments.string("name"), true))
+        case "block-dirty-bitmap-disable":
+            return (export, .setRecording(name: try arguments.string("name"), false))
+        case "block-dirty-bitmap-merge":
+            let target = try arguments.string("target")
+            var sources: [String] = []
+            for source in try arguments.array("bitmaps") {
+                switch source {
+                case .string(let name):
+                    sources.append(name)
+                case .object(let pair):
+                    guard case .string(let node)? = pair["node"], case .string(let name)? = pair["name"] else {
+                        throw QMPError(.genericError, "Invalid parameter type for 'bitmaps', expected: string or {node, name}")
+                    }
+                    guard node == export.name else {
+                        throw QMPError(.genericError, "Merging bitmaps of another node ('\(node)') is not supported")
+                    }
+                    sources.append(name)
+                default:
+                    throw QMPError(.genericError, "Invalid parameter type for 'bitmaps', expected: string or {node, name}")
+                }
+            }
+            return (export, .merge(target: target, sources: sources))
+        default:
+            throw QMPError(.commandNotFound, "The command \(command) has not been found")
+        }
+    }
+
+    /// Applies operations grouped by export, all or nothing: every group is checked on a
+    /// scratch copy first; commands run one at a time, so nothing changes in between.
+    func perform(_ groups: [(Export, [BitmapOperation])]) throws(QMPError) {
+        var merged: [(Export, [BitmapOperation])] = []
+        for (export, operations) in groups {
+            if let index = merged.firstIndex(where: { $0.0 === export }) {
+                merged[index].1.append(contentsOf: operations)
+            } else {
+                merged.append((export, operations))
+            }
+        }
+        do throws(BitmapError) {
+            for (export, operations) in merged { try export.tracker.validate(operations) }
+            for (export, operations) in merged { try export.tracker.perform(operations) }
+        } catch {
+            throw QMPError(.genericError, error.description)
+        }
+    }
+
+    func transaction(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
+        var groups: [(Export, [BitmapOperation])] = []
+        for action in try arguments.array("actions") {
+            guard case .string(let type)? = action["type"] else {
+                throw QMPError(.genericError, "Parameter 'actions[].type' is missing")
+            }
+            if type == "abort" {
+                throw QMPError(.genericError, "Transaction aborted using Abort action")
+            }
+            guard let parameters = Self.bitmapCommandParameters[type] else {
+                throw QMPError(.genericError, "Invalid parameter 'type': '\(type)' is not a supported transaction action")
+            }
+            let (export, operation) = try bitmapOperation(type, QMPArguments(action["data"], allowed: parameters))
+            groups.append((export, [operation]))
+        }
+        try perform(groups)
+        return [:]
+    }
+
+    static func describeNode(_ export: Export) -> JSONValue {
+        let bitmaps: [JSONValue] = export.tracker.query().map { bitmap in
+            var entry: [String: JSONValue] = [
+                "name": .string(bitmap.name), "count": .int(Int64(bitmap.count)),
+                "granularity": .int(Int64(bitmap.granularity)), "recording": .bool(bitmap.recording),
+                "busy": .bool(bitmap.busy), "persistent": .bool(bitmap.persistent),
+                "generation": .int(Int64(bitmap.generation)),
+            ]
+            if let origin = bitmap.checkpointOf { entry["checkpoint-of"] = .string(origin) }
+            return .object(entry)
+        }
+        return [
+            "node-name": .string(export.name), "drv": "raw", "file": .string(export.image.path),
+            "ro": .bool(export.isReadOnly),
+            "image": [
+                "filename": .string(export.image.path), "format": "raw",
+                "virtual-size": .int(Int64(clamping: export.image.size)),
+            ],
+            "dirty-bitmaps": .array(bitmaps),
+        ]
+    }
+
+    // MARK: - Exports
+
+    func addExport(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
+        if let type = try arguments.optionalString("type"), type != "nbd" {
+            throw QMPError(.genericError, "Invalid parameter 'type': only 'nbd' exports exist")
+        }
+        let id = try arguments.string("id")
+        guard let path = try arguments.optionalString("filename") else {
+            throw QMPError(.genericError, "Parameter 'filename' is missing (the image to export)")
+        }
+        let nodeName = try arguments.optionalString("node-name")
+        let name = try arguments.optionalString("name") ?? nodeName ?? id
+        guard !name.isEmpty, name.utf8.count <= 4096 else {
+            throw QMPError(.genericError, "export names are 1 to 4096 bytes")
+        }
+        guard registry.export(named: name) == nil else {
+            throw QMPError(.genericError, "Block export id '\(name)' is already in use")
+        }
+        let readOnly = !(try arguments.bool("writable", default: false))
+        let description = try arguments.optionalString("description") ?? ""
+        let export: Export
+        do {
+            export = try ExportOpener.open(
+                name: name, path: path, readOnly: readOnly, description: description, bitmaps: [], logger: logger)
+        } catch {
+            throw QMPError(.genericError, "\(error)")
+        }
+        do {
+            try registry.add(export)
+        } catch {
+            throw QMPError(.genericError, error.description)
+        }
+        return [:]
+    }
+
+    func deleteExport(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
+        let id = try arguments.string("id")
+        guard let export = registry.remove(named: id) else {
+            throw QMPError(.genericError, "Export '\(id)' is not found")
+        }
+        do {
+            try export.tracker.save(cleanShutdown: false)
+        } catch {
+            logger.error("saving bitmaps of removed export '\(id)' failed: \(error)")
+        }
+        emit("BLOCK_EXPORT_DELETED", ["id": .string(id)])
+        return [:]
+    }
+
+    // MARK: - Checkpoints
+
+    func createCheckpoint(_ arguments: QMPArguments, session: UInt64) throws(QMPError) -> JSONValue {
+        let node = try arguments.string("node")
+        let export = try export(node)
+        let bitmap = try arguments.string("bitmap")
+        let existing = Set(export.tracker.names)
+        let name: String
+        if let requested = try arguments.optionalString("name") {
+            name = requested
+        } else {
+            var number = 1
+            while existing.contains("c\(number)") { number += 1 }
+            name = "c\(number)"
+        }
+        let consume = try arguments.bool("consume", default: false)
+        try perform([(export, [.createCheckpoint(bitmap: bitmap, increment: name, consume: consume)])])
+        let timeout = try arguments.optionalUInt("timeout").map { TimeAmount.seconds(Int64(clamping: $0)) }
+        recordOwner(
+            CheckpointKey(node: node, name: name),
+            CheckpointOwner(
+                session: session, abortOnDisconnect: try arguments.bool("abort-on-disconnect", default: true),
+                timeout: timeout ?? defaultCheckpointTimeout))
+        let count = export.tracker.query().first { $0.name == name }?.count ?? 0
+        emit(
+            "CHECKPOINT_CREATED",
+            ["node": .string(node), "name": .string(name), "bitmap": .string(bitmap), "consume": .bool(consume)])
+        return ["name": .string(name), "bitmap": .string(bitmap), "count": .int(Int64(count))]
+    }
+
+    func finishCheckpoint(_ command: String, _ arguments: QMPArguments) throws(QMPError) -> JSONValue {
+        let node = try arguments.string("node")
+        let export = try export(node)
+        let name = try arguments.string("name")
+        let completing = command == "checkpoint-complete"
+        try perform([(export, [completing ? .completeCheckpoint(increment: name) : .abortCheckpoint(increment: name)])])
+        forgetOwner(CheckpointKey(node: node, name: name))
+        emit(
+            completing ? "CHECKPOINT_COMPLETED" : "CHECKPOINT_ABORTED",
+            completing ? ["node": .string(node), "name": .string(name)]
+                : ["node": .string(node), "name": .string(name), "reason": "requested"])
+        return [:]
+    }
+}

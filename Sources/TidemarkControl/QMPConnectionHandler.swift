@@ -1,0 +1,129 @@
+import NIOCore
+
+/// One QMP client: greeting, capabilities negotiation, then commands in order.
+/// It parses and frames; the control plane decides.
+final class QMPConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let control: ControlPlane
+    private var splitter = QMPMessageSplitter()
+    private var negotiated = false
+    private var session: UInt64?
+
+    init(control: ControlPlane) {
+        self.control = control
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let channel = context.channel
+        session = control.openSession { event in
+            // Events may come from any thread; the channel hops to its loop.
+            var buffer = channel.allocator.buffer(capacity: 256)
+            buffer.writeString(event.serialized() + "\r\n")
+            channel.writeAndFlush(buffer, promise: nil)
+        }
+        let version: JSONValue = [
+            "qemu": [
+                "major": .int(Int64(ControlPlane.version.major)), "minor": .int(Int64(ControlPlane.version.minor)),
+                "micro": .int(Int64(ControlPlane.version.micro)),
+            ],
+            "package": "tidemark",
+        ]
+        send(["QMP": ["version": version, "capabilities": []]], context: context)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let session { control.closeSession(session) }
+        session = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        for output in splitter.feed(buffer.readableBytesView) {
+            switch output {
+            case .message(let bytes):
+                handle(bytes, context: context)
+            case .oversized:
+                reply(error: QMPError(.genericError, "JSON message too large (limit \(splitter.maximumMessageSize) bytes)"), id: nil, context: context)
+            case .garbage:
+                reply(error: QMPError(.genericError, "JSON parse error, expected an object"), id: nil, context: context)
+            }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    private func handle(_ bytes: [UInt8], context: ChannelHandlerContext) {
+        let message: JSONValue
+        do {
+            message = try JSONValue.parse(bytes)
+        } catch {
+            reply(error: QMPError(.genericError, "JSON parse error: \(error)"), id: nil, context: context)
+            return
+        }
+        let id = message["id"]
+        guard case .object = message else {
+            reply(error: QMPError(.genericError, "QMP input must be a JSON object"), id: nil, context: context)
+            return
+        }
+        guard case .string(let command)? = message["execute"] else {
+            if message["exec-oob"] != nil {
+                reply(error: QMPError(.genericError, "Out-of-band execution is not supported"), id: id, context: context)
+            } else {
+                reply(error: QMPError(.genericError, "QMP input lacks member 'execute'"), id: id, context: context)
+            }
+            return
+        }
+        if !negotiated {
+            guard command == "qmp_capabilities" else {
+                reply(
+                    error: QMPError(.commandNotFound, "Expecting capabilities negotiation with 'qmp_capabilities'"),
+                    id: id, context: context)
+                return
+            }
+            negotiated = true
+            reply(result: [:], id: id, context: context)
+            return
+        }
+        guard let session else { return }
+        control.submit(command, arguments: message["arguments"], session: session, on: context.eventLoop)
+            .assumeIsolated().whenComplete { [weak self] result in
+                guard let self else { return }
+                switch result {
+                case .success(.success(let value)):
+                    self.reply(result: value, id: id, context: context)
+                    if command == "quit" { context.close(promise: nil) }
+                case .success(.failure(let error)):
+                    self.reply(error: error, id: id, context: context)
+                case .failure:
+                    self.reply(error: QMPError(.genericError, "the server is shutting down"), id: id, context: context)
+                }
+            }
+    }
+
+    private func reply(result: JSONValue, id: JSONValue?, context: ChannelHandlerContext) {
+        var message: [String: JSONValue] = ["return": result]
+        if let id { message["id"] = id }
+        send(.object(message), context: context)
+    }
+
+    private func reply(error: QMPError, id: JSONValue?, context: ChannelHandlerContext) {
+        var message: [String: JSONValue] = ["error": error.json]
+        if let id { message["id"] = id }
+        send(.object(message), context: context)
+    }
+
+    private func send(_ message: JSONValue, context: ChannelHandlerContext) {
+        var buffer = context.channel.allocator.buffer(capacity: 256)
+        buffer.writeString(message.serialized() + "\r\n")
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension QMPConnectionHandler: Sendable {}
