@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockStorage
 import DirtyTracking
+import TidemarkControl
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -8,29 +9,51 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// `tidemark bitmap …`: manage the persistent bitmaps of an image no server is serving.
+/// `tidemark bitmap …`: manage bitmaps through a running server's control socket
+/// (`--control SOCK --export NAME`), or in the sidecar store of an image no server is
+/// serving (`IMAGE` as the first operand).
 struct BitmapCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bitmap",
-        abstract: "Manage the persistent bitmaps of an image that no server is serving.",
+        abstract: "Manage dirty bitmaps, on a running server or offline on an image.",
         discussion: """
-            Acts on the sidecar store IMAGE.tidemark/ directly. While a server serves the \
-            image it holds the store, and these commands refuse to touch it.
+            With --control, the command goes to that server's QMP socket and acts on --export. \
+            Without it, the first operand is an image, and the command acts on its sidecar store \
+            IMAGE.tidemark/ (refused while a server holds it).
             """,
         subcommands: [Add.self, Remove.self, Clear.self, Enable.self, Disable.self, Merge.self, List.self, Dump.self]
     )
 
-    /// The image argument every subcommand takes.
-    struct ImageOptions: ParsableArguments {
-        @Argument(help: "The raw image whose bitmaps to manage.")
-        var image: String
+    /// Where a bitmap command acts.
+    struct Target: ParsableArguments {
+        @Option(help: "Control socket of a running server.")
+        var control: String?
 
-        /// Opens the store, runs `body` on its tracker, then saves and releases it cleanly.
-        func withTracker<Result>(_ body: (DirtyTracker) throws -> Result) throws -> Result {
+        @Option(help: "Export (node) to act on through --control.")
+        var export: String = "disk"
+
+        /// Splits operands into the image (offline only) and the rest.
+        func split(_ operands: [String], expecting count: Int, usage: String) throws -> (image: String?, rest: [String]) {
+            let needed = control == nil ? count + 1 : count
+            guard operands.count >= needed else {
+                throw ValidationError(control == nil ? "usage: IMAGE \(usage)" : "usage: --control SOCK [--export NAME] \(usage)")
+            }
+            if control == nil { return (operands[0], Array(operands.dropFirst())) }
+            return (nil, operands)
+        }
+
+        /// Runs a QMP command on the server.
+        func execute(_ command: String, _ arguments: JSONValue) throws -> JSONValue {
+            guard let control else { throw ValidationError("--control is required") }
+            return try QMPClient(socketPath: control).execute(command, arguments)
+        }
+
+        /// Opens the image's store offline, runs `body` on its tracker, then saves and
+        /// releases it as cleanly closed, whether or not `body` succeeded.
+        func withTracker<Result>(image: String, _ body: (DirtyTracker) throws -> Result) throws -> Result {
             let size = try RawImage(path: image, readOnly: true).size
             let (store, contents) = try BitmapStore.open(imagePath: image, imageSize: size)
             let tracker = try DirtyTracker(store: store, contents: contents)
-            // A refused operation still leaves the store marked as cleanly closed.
             let result: Result
             do {
                 result = try body(tracker)
@@ -41,100 +64,174 @@ struct BitmapCommand: ParsableCommand {
             try tracker.save(cleanShutdown: true)
             return result
         }
+
+        /// Runs one bitmap operation, online as `command` or offline as `operation`.
+        func run(_ image: String?, command: String, arguments: [String: JSONValue], operation: BitmapOperation) throws {
+            if let image {
+                try withTracker(image: image) { try $0.perform([operation]) }
+            } else {
+                var withNode = arguments
+                withNode["node"] = .string(export)
+                _ = try execute(command, .object(withNode))
+            }
+        }
     }
 
     struct Add: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Add a persistent bitmap.")
-        @OptionGroup var options: ImageOptions
-        @Argument(help: "Bitmap name (1 to 1023 bytes).") var name: String
+        static let configuration = CommandConfiguration(abstract: "Add a bitmap (persistent unless --transient).")
+        @OptionGroup var target: Target
+        @Argument(help: "[IMAGE] NAME") var operands: [String] = []
         @Option(help: "Bytes per bit: a power of two from 512 to 2G (e.g. 64K).") var granularity: String = "64K"
         @Flag(help: "Create it without recording writes.") var disabled = false
+        @Flag(help: "Keep it in memory only (with --control).") var transient = false
 
         func run() throws {
+            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
             guard let bytes = ByteSize.parse(granularity) else {
                 throw ValidationError("cannot read granularity '\(granularity)'")
             }
-            try options.withTracker { tracker in
-                try tracker.add(name: name, granularity: bytes, persistent: true, recording: !disabled)
-            }
+            try target.run(
+                image, command: "block-dirty-bitmap-add",
+                arguments: [
+                    "name": .string(rest[0]), "granularity": .int(Int64(clamping: bytes)),
+                    "persistent": .bool(!transient), "disabled": .bool(disabled),
+                ],
+                operation: .add(name: rest[0], granularity: bytes, persistent: true, recording: !disabled))
         }
     }
 
     struct Remove: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Remove a bitmap.")
-        @OptionGroup var options: ImageOptions
-        @Argument var name: String
-        func run() throws { try options.withTracker { try $0.remove(name: name) } }
+        @OptionGroup var target: Target
+        @Argument(help: "[IMAGE] NAME") var operands: [String] = []
+        func run() throws {
+            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
+            try target.run(
+                image, command: "block-dirty-bitmap-remove", arguments: ["name": .string(rest[0])],
+                operation: .remove(name: rest[0]))
+        }
     }
 
     struct Clear: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Clear every bit of a bitmap.")
-        @OptionGroup var options: ImageOptions
-        @Argument var name: String
-        func run() throws { try options.withTracker { try $0.clear(name: name) } }
+        @OptionGroup var target: Target
+        @Argument(help: "[IMAGE] NAME") var operands: [String] = []
+        func run() throws {
+            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
+            try target.run(
+                image, command: "block-dirty-bitmap-clear", arguments: ["name": .string(rest[0])],
+                operation: .clear(name: rest[0]))
+        }
     }
 
     struct Enable: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Start recording writes into a bitmap.")
-        @OptionGroup var options: ImageOptions
-        @Argument var name: String
-        func run() throws { try options.withTracker { try $0.setRecording(name: name, true) } }
+        @OptionGroup var target: Target
+        @Argument(help: "[IMAGE] NAME") var operands: [String] = []
+        func run() throws {
+            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
+            try target.run(
+                image, command: "block-dirty-bitmap-enable", arguments: ["name": .string(rest[0])],
+                operation: .setRecording(name: rest[0], true))
+        }
     }
 
     struct Disable: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Stop recording writes into a bitmap.")
-        @OptionGroup var options: ImageOptions
-        @Argument var name: String
-        func run() throws { try options.withTracker { try $0.setRecording(name: name, false) } }
+        @OptionGroup var target: Target
+        @Argument(help: "[IMAGE] NAME") var operands: [String] = []
+        func run() throws {
+            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
+            try target.run(
+                image, command: "block-dirty-bitmap-disable", arguments: ["name": .string(rest[0])],
+                operation: .setRecording(name: rest[0], false))
+        }
     }
 
     struct Merge: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "OR source bitmaps into a target (all or nothing).")
-        @OptionGroup var options: ImageOptions
-        @Argument var target: String
-        @Argument(help: "Bitmaps to merge into the target.") var sources: [String]
-        func run() throws { try options.withTracker { try $0.merge(target: target, sources: sources) } }
+        static let configuration = CommandConfiguration(abstract: "OR source bitmaps into a target (all or nothing).")
+        @OptionGroup var target: Target
+        @Argument(help: "[IMAGE] TARGET SOURCE...") var operands: [String] = []
+        func run() throws {
+            let (image, rest) = try target.split(operands, expecting: 2, usage: "TARGET SOURCE...")
+            let sources = Array(rest.dropFirst())
+            try target.run(
+                image, command: "block-dirty-bitmap-merge",
+                arguments: ["target": .string(rest[0]), "bitmaps": .array(sources.map { .string($0) })],
+                operation: .merge(target: rest[0], sources: sources))
+        }
     }
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List bitmaps with their flags and dirty counts.")
-        @OptionGroup var options: ImageOptions
+        @OptionGroup var target: Target
+        @Argument(help: "[IMAGE]") var operands: [String] = []
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
-            let bitmaps = try options.withTracker { $0.query() }
+            let (image, _) = try target.split(operands, expecting: 0, usage: "")
+            let bitmaps: [BitmapInfo]
+            if let image {
+                bitmaps = try target.withTracker(image: image) { $0.query() }
+            } else {
+                let nodes = try target.execute("query-named-block-nodes", [:])
+                guard case .array(let list) = nodes,
+                    let node = list.first(where: { $0["node-name"] == .string(target.export) }),
+                    case .array(let entries)? = node["dirty-bitmaps"]
+                else { throw ValidationError("the server has no export '\(target.export)'") }
+                bitmaps = entries.compactMap(BitmapInfo.init(json:))
+            }
             if json {
                 try printJSON(bitmaps)
                 return
             }
             for bitmap in bitmaps {
-                print(
-                    "\(bitmap.name)\tgranularity=\(bitmap.granularity)\tcount=\(bitmap.count)\trecording=\(bitmap.recording)\tpersistent=\(bitmap.persistent)\tgeneration=\(bitmap.generation)")
+                var line = "\(bitmap.name)\tgranularity=\(bitmap.granularity)\tcount=\(bitmap.count)"
+                line += "\trecording=\(bitmap.recording)\tbusy=\(bitmap.busy)\tpersistent=\(bitmap.persistent)"
+                line += "\tgeneration=\(bitmap.generation)"
+                if let origin = bitmap.checkpointOf { line += "\tcheckpoint-of=\(origin)" }
+                print(line)
             }
         }
     }
 
     struct Dump: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Print a bitmap's dirty and clean extents (as nbdinfo --map does).")
-        @OptionGroup var options: ImageOptions
-        @Argument var name: String
+            abstract: "Print an offline image's bitmap extents (as nbdinfo --map prints them).",
+            discussion: "On a running server, read them over NBD: nbdinfo --map=qemu:dirty-bitmap:NAME URI.")
+        @Argument(help: "IMAGE NAME") var operands: [String] = []
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
-            let extents = try options.withTracker { tracker in
-                try tracker.extents(name: name, offset: 0, length: tracker.size, maximumExtents: Int.max)
+            guard operands.count == 2 else { throw ValidationError("usage: IMAGE NAME") }
+            let extents = try Target().withTracker(image: operands[0]) { tracker in
+                try tracker.extents(name: operands[1], offset: 0, length: tracker.size, maximumExtents: Int.max)
             }
             if json {
                 try printJSON(extents)
                 return
             }
             for extent in extents {
-                let flag = extent.dirty ? 1 : 0
-                print("\(extent.offset)\t\(extent.length)\t\(flag)\t\(extent.dirty ? "dirty" : "clean")")
+                print("\(extent.offset)\t\(extent.length)\t\(extent.dirty ? 1 : 0)\t\(extent.dirty ? "dirty" : "clean")")
             }
         }
+    }
+}
+
+extension BitmapInfo {
+    /// Reads one entry of `query-named-block-nodes`' `dirty-bitmaps`.
+    init?(json: JSONValue) {
+        guard case .string(let name)? = json["name"], case .int(let count)? = json["count"],
+            case .int(let granularity)? = json["granularity"], case .bool(let recording)? = json["recording"],
+            case .bool(let busy)? = json["busy"], case .bool(let persistent)? = json["persistent"]
+        else { return nil }
+        var generation: UInt64 = 0
+        if case .int(let value)? = json["generation"] { generation = UInt64(clamping: value) }
+        var origin: String?
+        if case .string(let value)? = json["checkpoint-of"] { origin = value }
+        self.init(
+            name: name, count: UInt64(clamping: count), granularity: UInt64(clamping: granularity),
+            recording: recording, busy: busy, persistent: persistent, generation: generation, checkpointOf: origin)
     }
 }
 

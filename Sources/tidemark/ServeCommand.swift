@@ -30,7 +30,7 @@ struct ServeCommand: AsyncParsableCommand {
     static let defaultControlPath = "tidemark-data/control.sock"
 
     /// True when neither IMAGE nor --export was given.
-    private var usesDefaultImage: Bool { image == nil && exports.isEmpty }
+    private var usesDefaultImage: Bool { image == nil && exports.isEmpty && !empty }
 
     @Argument(help: "Raw image file or block device to serve.")
     var image: String?
@@ -63,6 +63,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "TCP port to listen on.")
     var port: Int?
 
+    @Flag(help: "Start with no export at all; add them with block-export-add over --control.")
+    var empty = false
+
     @Option(help: "QMP management socket (default with the default image: ./tidemark-data/control.sock).")
     var control: String?
 
@@ -88,6 +91,10 @@ struct ServeCommand: AsyncParsableCommand {
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
+        if empty && (image != nil || !exports.isEmpty) {
+            throw ValidationError("--empty cannot be combined with IMAGE or --export")
+        }
+        if empty && control == nil { throw ValidationError("--empty needs --control to add exports later") }
         if checkpointTimeout < 0 { throw ValidationError("--checkpoint-timeout cannot be negative") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         for spec in exports { _ = try ExportSpecification(parsing: spec) }
@@ -158,6 +165,7 @@ struct ServeCommand: AsyncParsableCommand {
     private func makeExports(logger: Logger) throws -> [Export] {
         let requestedBitmaps = try bitmaps.map { try BitmapSpecification(parsing: $0) }
         var specifications = try exports.map { try ExportSpecification(parsing: $0) }
+        if empty { return [] }
         if let image {
             specifications.insert(ExportSpecification(name: name, path: image, readOnly: readOnly), at: 0)
         } else if specifications.isEmpty {
