@@ -65,6 +65,14 @@ struct BitmapCommand: ParsableCommand {
             return result
         }
 
+        /// Runs a command whose only operand is a bitmap name.
+        func runOnName(
+            _ operands: [String], command: String, operation: (String) -> BitmapOperation
+        ) throws {
+            let (image, rest) = try split(operands, expecting: 1, usage: "NAME")
+            try run(image, command: command, arguments: ["name": .string(rest[0])], operation: operation(rest[0]))
+        }
+
         /// Runs one bitmap operation, online as `command` or offline as `operation`.
         func run(_ image: String?, command: String, arguments: [String: JSONValue], operation: BitmapOperation) throws {
             if let image {
@@ -104,48 +112,28 @@ struct BitmapCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Remove a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
-        func run() throws {
-            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
-            try target.run(
-                image, command: "block-dirty-bitmap-remove", arguments: ["name": .string(rest[0])],
-                operation: .remove(name: rest[0]))
-        }
+        func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-remove") { .remove(name: $0) } }
     }
 
     struct Clear: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Clear every bit of a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
-        func run() throws {
-            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
-            try target.run(
-                image, command: "block-dirty-bitmap-clear", arguments: ["name": .string(rest[0])],
-                operation: .clear(name: rest[0]))
-        }
+        func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-clear") { .clear(name: $0) } }
     }
 
     struct Enable: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Start recording writes into a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
-        func run() throws {
-            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
-            try target.run(
-                image, command: "block-dirty-bitmap-enable", arguments: ["name": .string(rest[0])],
-                operation: .setRecording(name: rest[0], true))
-        }
+        func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-enable") { .setRecording(name: $0, true) } }
     }
 
     struct Disable: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Stop recording writes into a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
-        func run() throws {
-            let (image, rest) = try target.split(operands, expecting: 1, usage: "NAME")
-            try target.run(
-                image, command: "block-dirty-bitmap-disable", arguments: ["name": .string(rest[0])],
-                operation: .setRecording(name: rest[0], false))
-        }
+        func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-disable") { .setRecording(name: $0, false) } }
     }
 
     struct Merge: ParsableCommand {
