@@ -386,3 +386,22 @@ struct RawImageTests {
         #expect(StorageError.readOnly.errno == EROFS)
     }
 }
+
+@Suite("RawImage: hostile ranges")
+struct RawImageHostileRangeTests {
+    @Test("allocationExtents with a range whose end overflows UInt64 returns nothing instead of trapping")
+    func allocationExtentsOverflow() async {
+        await #expect(processExitsWith: .success) {
+            let directory = try TemporaryDirectory()
+            let path = directory.file("image.raw")
+            try RawImage.createSparseFileIfMissing(path: path, size: 1 << 20)
+            let image = try RawImage(path: path, readOnly: true)
+            // Past the end: nothing to describe, whatever the length.
+            let extents = image.allocationExtents(at: UInt64.max - 10, length: 100, maxExtents: 10)
+            guard extents.isEmpty else { exit(1) }
+            // Inside the file with a huge length: clipped to the file.
+            let clipped = image.allocationExtents(at: 4096, length: UInt64.max, maxExtents: 10)
+            guard clipped == [AllocationExtent(length: (1 << 20) - 4096, isHole: true)] else { exit(2) }
+        }
+    }
+}

@@ -275,3 +275,59 @@ struct InfoGoTests {
         #expect(driver.input.bytes == request)
     }
 }
+
+@Suite("Handshake: INFO/GO edge cases")
+struct InfoGoEdgeTests {
+    @Test("asking for INFO_EXPORT explicitly (and twice) still yields exactly one")
+    func explicitExportRequest() throws {
+        var driver = HandshakeDriver.negotiating()
+        let replies = try driver.send(Client.info("disk", [Wire.infoExport, Wire.infoExport, Wire.infoName, Wire.infoName]))
+        let types = replies.compactMap(\.info?.type)
+        #expect(types.filter { $0 == Wire.infoExport }.count == 1)
+        #expect(types.filter { $0 == Wire.infoName }.count == 1)
+        #expect(types.filter { $0 == Wire.infoBlockSize }.count == 1)
+    }
+
+    @Test("an unknown 4096-byte export name gets ERR_UNKNOWN with a message of at most 4096 bytes")
+    func longUnknownName() throws {
+        let name = String(repeating: "n", count: 4096)
+        for option in [Wire.optInfo, Wire.optGo, Wire.optListMeta] {
+            var driver = HandshakeDriver.negotiating()
+            let payload =
+                option == Wire.optListMeta
+                ? Client.metaPayload(name: name, queries: []) : Client.infoPayload(name: name, requests: [])
+            let replies = try driver.send(Client.option(option, payload))
+            #expect(replies.map(\.type) == [Wire.errUnknown])
+            let message = try #require(replies.first?.data)
+            #expect(message.count <= 4096)
+            #expect(String(validating: message, as: UTF8.self) != nil)
+        }
+    }
+
+    @Test("an export name over 4096 bytes is invalid")
+    func overlongName() throws {
+        let name = String(repeating: "n", count: 4097)
+        var driver = HandshakeDriver.negotiating()
+        #expect(try driver.send(Client.info(name)).map(\.type) == [Wire.errInvalid])
+        #expect(try driver.send(Client.listMeta(name, [])).map(\.type) == [Wire.errInvalid])
+        _ = driver.feed(Client.option(Wire.optExportName, Array(name.utf8)))
+        #expect(driver.outcome == .close(.invalidExportName))
+    }
+
+    @Test("a multi-byte UTF-8 export name is matched byte for byte")
+    func utf8Names() throws {
+        var catalog = TestCatalog.standard
+        catalog.exports.append(
+            NBDExportSummary(
+                name: "dïsk-ü", description: "ünïcode", size: 4096, isReadOnly: true, minimumBlockSize: 512,
+                metaContexts: []))
+        var driver = HandshakeDriver.negotiating(catalog: catalog)
+        let list = try driver.send(Client.option(Wire.optList))
+        let server = try #require(list.compactMap(\.server).first { $0.name == "dïsk-ü" })
+        #expect(server.description == "ünïcode")
+        let replies = try driver.send(Client.go("dïsk-ü", [Wire.infoName]))
+        #expect(replies.last?.type == Wire.repAck)
+        #expect(driver.session?.exportName == "dïsk-ü")
+        #expect(driver.session?.size == 4096)
+    }
+}

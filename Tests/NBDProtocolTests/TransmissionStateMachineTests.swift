@@ -380,6 +380,21 @@ struct TransmissionFlowTests {
         #expect(machine.bytesInFlight == 0)
     }
 
+    @Test(
+        "DISC with bogus flags, offset or length still disconnects without a reply (as qemu: no reply is ever sent to DISC)",
+        arguments: [
+            (0x0001, 0, 0), (0x0002, 0, 0), (0x0004, 0, 0), (0x8000, 0, 0), (0, 512, 0), (0, 0, 4096),
+            (0, UInt64.max, UInt32.max),
+        ] as [(UInt16, UInt64, UInt32)])
+    func disconnectWithBogusFields(flags: UInt16, offset: UInt64, length: UInt32) {
+        var machine = TransmissionStateMachine(session: SessionKind.writable.session)
+        let disposition = machine.received(
+            NBDRequest(type: Wire.cmdDisc, flags: NBDCommandFlags(rawValue: flags), cookie: 5, offset: offset, length: length))
+        #expect(disposition.isDisconnect, "got \(disposition)")
+        #expect(machine.isDisconnecting)
+        #expect(machine.inFlight == 0)
+    }
+
     @Test("DISC is a disconnect on every kind of session", arguments: SessionKind.allCases)
     func disconnectEverywhere(kind: SessionKind) {
         var machine = TransmissionStateMachine(session: kind.session)
