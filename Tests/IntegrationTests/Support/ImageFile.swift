@@ -54,6 +54,15 @@ enum ImageFile {
         return Int(info.st_blocks) * 512
     }
 
+    /// The file's SHA-256, from coreutils' `sha256sum`.
+    static func sha256(_ path: String) throws -> String {
+        let result = try ExternalTool.check("sha256sum", [path], timeout: 60)
+        guard let digest = result.stdout.split(separator: " ").first, digest.count == 64 else {
+            throw HarnessError("unexpected sha256sum output: \(result.stdout)")
+        }
+        return String(digest)
+    }
+
     /// The file's apparent size.
     static func size(_ path: String) throws -> Int {
         var info = stat()
@@ -63,18 +72,42 @@ enum ImageFile {
         return Int(info.st_size)
     }
 
-    /// A deterministic, offset-dependent byte pattern: any misplaced or stale block shows up.
+    /// A deterministic, offset-dependent byte pattern with no zero bytes, so a misplaced,
+    /// stale or zeroed block shows up.
+    ///
+    /// Byte at position `p` is `(31·(p mod 256) + k) mod 255 + 1` with
+    /// `k = 7·(p / 256) + p / 65536 + seed`: every 256-byte run differs from its neighbours,
+    /// and different seeds give different bytes everywhere. Built from a table of 255
+    /// precomputed rows so that even debug builds make tens of MiB quickly.
     static func pattern(count: Int, offset: Int, seed: UInt8 = 0) -> [UInt8] {
         [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
-            for index in 0..<count {
-                let position = offset + index
-                // Mixes the 4 KiB block number into the byte so equal offsets within
-                // different blocks differ.
-                buffer[index] = UInt8(truncatingIfNeeded: position &* 31 &+ (position >> 12) &+ Int(seed)) | 1
+            patternRows.withUnsafeBufferPointer { rows in
+                var position = offset
+                var written = 0
+                while written < count {
+                    let within = position & 255
+                    let length = min(256 - within, count - written)
+                    let row = ((position >> 8) &* 7 &+ (position >> 16) &+ Int(seed)) % 255
+                    (buffer.baseAddress! + written).initialize(from: rows.baseAddress! + row * 256 + within, count: length)
+                    written += length
+                    position += length
+                }
             }
             initialized = count
         }
     }
+
+    /// Row `k` holds `(31·i + k) mod 255 + 1` for `i` in 0..<256.
+    private static let patternRows: [UInt8] = {
+        var rows = [UInt8](repeating: 0, count: 255 * 256)
+        for row in 0..<255 {
+            for index in 0..<256 {
+                let value: Int = (index * 31 + row) % 255 + 1
+                rows[row * 256 + index] = UInt8(value)
+            }
+        }
+        return rows
+    }()
 
     /// `count` copies of `byte`.
     static func constant(_ byte: UInt8, count: Int) -> [UInt8] {

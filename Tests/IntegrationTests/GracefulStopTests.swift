@@ -1,0 +1,139 @@
+import Foundation
+import NBDClient
+import Testing
+
+/// SIGTERM and SIGINT: the server finishes what is in flight, flushes, and exits 0, and
+/// every acknowledged write is in the file.
+@Suite("Graceful stop", .serialized)
+struct GracefulStopTests {
+    /// What the writers did, slot by slot: the seed last acknowledged and the seed of a
+    /// write that was sent but never acknowledged.
+    final class WriteLog: @unchecked Sendable {
+        private let lock = NSLock()
+        private(set) var acknowledged: [Int: UInt8] = [:]
+        private(set) var pending: [Int: UInt8] = [:]
+        private(set) var count = 0
+        private(set) var errors: [String] = []
+
+        func begin(slot: Int, seed: UInt8) {
+            lock.lock()
+            pending[slot] = seed
+            lock.unlock()
+        }
+
+        func acknowledge(slot: Int, seed: UInt8) {
+            lock.lock()
+            acknowledged[slot] = seed
+            pending[slot] = nil
+            count += 1
+            lock.unlock()
+        }
+
+        func fail(_ message: String) {
+            lock.lock()
+            errors.append(message)
+            lock.unlock()
+        }
+
+        var acknowledgedCount: Int {
+            lock.lock()
+            defer { lock.unlock() }
+            return count
+        }
+    }
+
+    static let slotSize = 64 * 1024
+    static let slotsPerWriter = 128
+    static let writers = 3
+
+    @Test("SIGTERM while clients write: exit 0, acknowledged writes in the file, no torn writes")
+    func sigtermDuringWrites() throws {
+        let size = Self.slotSize * Self.slotsPerWriter * Self.writers
+        let fixture = try ServerFixture(size: size)
+        let log = WriteLog()
+        let connections = try (0..<Self.writers).map { _ in try fixture.connect() }
+        let group = DispatchGroup()
+        let deadline = Date().addingTimeInterval(20)
+        for (index, connection) in connections.enumerated() {
+            DispatchQueue.global().async(group: group) {
+                // Wrap around the writer's slots with a new seed each pass until the
+                // server goes away; seeds step by 2 per pass, so passes never look alike.
+                var iteration = 0
+                while Date() < deadline {
+                    let slot = index * Self.slotsPerWriter + iteration % Self.slotsPerWriter
+                    let seed = UInt8(truncatingIfNeeded: 2 * (iteration / Self.slotsPerWriter) + 2 + 100 * index)
+                    let data = ImageFile.pattern(count: Self.slotSize, offset: slot * Self.slotSize, seed: seed)
+                    log.begin(slot: slot, seed: seed)
+                    do {
+                        try connection.pwrite(data, offset: UInt64(slot * Self.slotSize))
+                    } catch {
+                        return  // the server stopped
+                    }
+                    log.acknowledge(slot: slot, seed: seed)
+                    iteration += 1
+                }
+                log.fail("writer \(index) was never stopped by the server")
+            }
+        }
+        // Let the writers get going, then stop the server under load.
+        while log.acknowledgedCount < 50 && Date() < deadline {
+            usleep(1000)
+        }
+        let termination = try fixture.server.stop(signal: SIGTERM, timeout: 30)
+        #expect(group.wait(timeout: .now() + 30) == .success, "writers did not notice the stop")
+        #expect(termination == .success, "tidemark: \(termination); stderr:\n\(fixture.server.serverLog)")
+        #expect(log.errors.isEmpty, "\(log.errors)")
+        #expect(log.acknowledgedCount >= 50)
+
+        let image = try ImageFile.read(fixture.image)
+        #expect(image.count == size)
+        var checked = 0
+        for slot in Set(log.acknowledged.keys).union(log.pending.keys).sorted() {
+            let range = (slot * Self.slotSize)..<((slot + 1) * Self.slotSize)
+            let actual = Array(image[range])
+            var allowed: [[UInt8]] = []
+            if let seed = log.acknowledged[slot] {
+                allowed.append(ImageFile.pattern(count: Self.slotSize, offset: range.lowerBound, seed: seed))
+            } else {
+                allowed.append(ImageFile.constant(0, count: Self.slotSize))
+            }
+            if let seed = log.pending[slot] {
+                // Sent but unacknowledged: either wholly applied or not at all.
+                allowed.append(ImageFile.pattern(count: Self.slotSize, offset: range.lowerBound, seed: seed))
+            }
+            #expect(allowed.contains(actual), "slot \(slot) (offset \(range.lowerBound)) holds neither the acknowledged nor the in-flight data")
+            checked += 1
+        }
+        #expect(checked > 0)
+    }
+
+    @Test("SIGTERM after FUA writes: every one of them is in the file")
+    func sigtermAfterFUA() throws {
+        let fixture = try ServerFixture()
+        let connection = try fixture.connect()
+        for index in 0..<16 {
+            try connection.pwrite(ImageFile.constant(UInt8(index + 1), count: 65536), offset: UInt64(index * 65536), flags: [.fua])
+        }
+        // Plain writes, acknowledged but not flushed: the stop must flush them.
+        try connection.pwrite(ImageFile.constant(0xEE, count: 1 << 20), offset: 4 << 20)
+        #expect(try fixture.server.stop(signal: SIGTERM) == .success)
+        for index in 0..<16 {
+            #expect(try ImageFile.read(fixture.image, offset: index * 65536, count: 65536) == ImageFile.constant(UInt8(index + 1), count: 65536))
+        }
+        #expect(try ImageFile.read(fixture.image, offset: 4 << 20, count: 1 << 20) == ImageFile.constant(0xEE, count: 1 << 20))
+    }
+
+    @Test("SIGINT with idle clients connected, and SIGTERM with none, exit 0", arguments: [SIGINT, SIGTERM])
+    func idleStop(signal: Int32) throws {
+        let fixture = try ServerFixture()
+        let idle = signal == SIGINT ? try fixture.connect() : nil
+        let negotiating = signal == SIGINT ? try RawNBDSocket(unixSocket: fixture.directory.socketPath) : nil
+        _ = try negotiating?.readGreeting()
+        if let idle { try idle.pwrite(ImageFile.constant(1, count: 4096), offset: 0) }
+        #expect(try fixture.server.stop(signal: signal, timeout: 20) == .success, "stderr:\n\(fixture.server.serverLog)")
+        if idle != nil {
+            #expect(try ImageFile.read(fixture.image, offset: 0, count: 4096) == ImageFile.constant(1, count: 4096))
+        }
+        withExtendedLifetime((idle, negotiating)) {}
+    }
+}
