@@ -83,6 +83,7 @@ public final class RawImage: Sendable {
     /// Reads exactly `buffer.count` bytes at `offset`, blocking on disk I/O if needed.
     /// Bytes past the end of a file that shrank underneath us read as zeroes.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        try Self.checkRepresentable(offset, UInt64(buffer.count), size: size)
         guard let base = buffer.baseAddress else { return }
         var done = 0
         while done < buffer.count {
@@ -104,6 +105,8 @@ public final class RawImage: Sendable {
     ///   (the caller then repeats the read with `read(into:at:)` off the event loop).
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
         guard let base = buffer.baseAddress else { return true }
+        // Unrepresentable offsets are left to the blocking read, which reports them.
+        guard (try? Self.checkRepresentable(offset, UInt64(buffer.count), size: size)) != nil else { return false }
         let n = clinuxio_pread_nowait(fd, base, buffer.count, off_t(offset))
         return n == buffer.count
     }
@@ -113,6 +116,7 @@ public final class RawImage: Sendable {
     /// Writes all of `bytes` at `offset`.
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
         guard !isReadOnly else { throw .readOnly }
+        try Self.checkRepresentable(offset, UInt64(bytes.count), size: size)
         guard let base = bytes.baseAddress else { return }
         var done = 0
         while done < bytes.count {
@@ -131,7 +135,9 @@ public final class RawImage: Sendable {
     /// the page cache does not wait for the disk either.
     /// - Returns: bytes written (possibly 0); the caller writes the rest with `write(_:at:)`.
     public func writeIfNonBlocking(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Int {
-        guard !isReadOnly, let base = bytes.baseAddress else { return 0 }
+        guard !isReadOnly, let base = bytes.baseAddress,
+            (try? Self.checkRepresentable(offset, UInt64(bytes.count), size: size)) != nil
+        else { return 0 }
         if nonBlockingWritesUnsupported.load(ordering: .relaxed) {
             let n = pwrite(fd, base, bytes.count, off_t(offset))
             return max(n, 0)
@@ -155,6 +161,7 @@ public final class RawImage: Sendable {
     public func discard(at offset: UInt64, length: UInt64) throws(StorageError) {
         guard !isReadOnly else { throw .readOnly }
         guard length > 0 else { return }
+        try Self.checkRepresentable(offset, length, size: size)
         if clinuxio_punch_hole(fd, off_t(offset), off_t(length)) == 0 { return }
         let code = Glibc.errno
         if code == EOPNOTSUPP || code == ENOSYS {
@@ -170,6 +177,7 @@ public final class RawImage: Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64, allowHole: Bool, fastOnly: Bool) throws(StorageError) {
         guard !isReadOnly else { throw .readOnly }
         guard length > 0 else { return }
+        try Self.checkRepresentable(offset, length, size: size)
         if allowHole {
             if clinuxio_punch_hole(fd, off_t(offset), off_t(length)) == 0 { return }
             let code = Glibc.errno
@@ -201,7 +209,18 @@ public final class RawImage: Sendable {
 
     /// Asks the kernel to start reading a range into the page cache (advisory).
     public func prefetch(at offset: UInt64, length: UInt64) {
+        guard (try? Self.checkRepresentable(offset, length, size: size)) != nil else { return }
         _ = clinuxio_fadvise_willneed(fd, off_t(offset), off_t(length))
+    }
+
+    /// Ranges must fit in `off_t` for the kernel calls; anything else is refused rather
+    /// than trapping on the conversion. (Ranges past the end are allowed here: files
+    /// read as zeroes there and the protocol layer bounds requests by the size.)
+    private static func checkRepresentable(_ offset: UInt64, _ length: UInt64, size: UInt64) throws(StorageError) {
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= UInt64(Int64.max) else {
+            throw .outOfRange(offset: offset, length: length, size: size)
+        }
     }
 
     // MARK: - Allocation
@@ -212,7 +231,8 @@ public final class RawImage: Sendable {
     /// everything as data, which is always a safe answer.
     /// - Parameter maxExtents: stop after this many runs; the caller asks again for the rest.
     public func allocationExtents(at offset: UInt64, length: UInt64, maxExtents: Int) -> [AllocationExtent] {
-        let end = min(offset + length, size)
+        let (sum, overflow) = offset.addingReportingOverflow(length)
+        let end = overflow ? size : min(sum, size)
         guard offset < end else { return [] }
         if isBlockDevice { return [AllocationExtent(length: end - offset, isHole: false)] }
         var extents: [AllocationExtent] = []

@@ -72,7 +72,7 @@ public struct TransmissionStateMachine {
         inFlight -= 1
         bytesInFlight -= min(cost, bytesInFlight)
         if isDisconnecting { return inFlight == 0 ? .close : .none }
-        if readingPaused && inFlight < maximumInFlight / 2 && bytesInFlight < maximumBytesInFlight / 2 {
+        if readingPaused && inFlight <= maximumInFlight / 2 && bytesInFlight <= maximumBytesInFlight / 2 {
             readingPaused = false
             return .resumeReading
         }
@@ -92,6 +92,8 @@ public struct TransmissionStateMachine {
         guard let type = NBDCommandType(rawValue: request.type) else {
             return reject(.invalid, "unknown command \(request.type)")
         }
+        // DISC never gets a reply, whatever its flags, offset or length (as qemu does).
+        if type == .disconnect { return .disconnect }
         let flags = request.flags
         let allowed = Self.allowedFlags(for: type, session: session)
         guard allowed.isSuperset(of: flags) else {
@@ -102,12 +104,10 @@ public struct TransmissionStateMachine {
         let length = request.length
 
         switch type {
-        case .disconnect:
-            return .disconnect
         case .flush:
             guard offset == 0 && length == 0 else { return reject(.invalid, "FLUSH needs offset and length 0") }
             return .execute(cookie: cookie, command: .flush)
-        case .read, .write, .trim, .cache, .writeZeroes, .blockStatus:
+        case .disconnect, .read, .write, .trim, .cache, .writeZeroes, .blockStatus:
             break
         }
 
