@@ -276,7 +276,52 @@ struct CommandTests {
         #expect(fixture.server.isRunning)
     }
 
-    @Test("many requests in flight from concurrent threads on one connection")
+    @Test("64 pipelined writes, then 64 pipelined reads, on one connection")
+    func pipelined() throws {
+        let fixture = try ServerFixture()
+        let connection = try fixture.connect()
+        let count = 64
+        let size = 128 * 1024
+        // Interleaved order so replies for neighbouring offsets are not adjacent.
+        let offsets = (0..<count).map { (($0 * 37) % count) * size }
+        let writes = offsets.enumerated().map { index, offset in
+            NBDConnection.PipelinedWrite(
+                offset: UInt64(offset), data: ImageFile.pattern(count: size, offset: offset, seed: 13),
+                flags: index % 8 == 0 ? [.fua] : [])
+        }
+        let errors = connection.pipelinedWrites(writes)
+        #expect(errors.allSatisfy { $0 == nil }, "\(errors.compactMap { $0 })")
+        let reads = connection.pipelinedReads(offsets.map { (offset: UInt64($0), count: size) })
+        for (offset, result) in zip(offsets, reads) {
+            #expect((try? result.get()) == ImageFile.pattern(count: size, offset: offset, seed: 13), "offset \(offset)")
+        }
+        try connection.flush()
+        #expect(try ImageFile.read(fixture.image, offset: 0, count: count * size) == ImageFile.pattern(count: count * size, offset: 0, seed: 13))
+    }
+
+    @Test("pipelined requests mixing successes and errors each get their own reply")
+    func pipelinedWithErrors() throws {
+        let fixture = try ServerFixture()
+        let connection = try fixture.connect { $0.strictMode = [] }
+        let end = UInt64(ServerFixture.defaultSize)
+        var writes: [NBDConnection.PipelinedWrite] = []
+        for index in 0..<32 {
+            let offset: UInt64 = index % 4 == 3 ? end + UInt64(index) * 4096 : UInt64(index) * 4096
+            writes.append(NBDConnection.PipelinedWrite(offset: offset, data: ImageFile.constant(UInt8(index + 1), count: 4096)))
+        }
+        let errors = connection.pipelinedWrites(writes)
+        for (index, error) in errors.enumerated() {
+            if index % 4 == 3 {
+                #expect(error?.errno == ENOSPC, "write \(index): \(String(describing: error))")
+            } else {
+                #expect(error == nil, "write \(index): \(String(describing: error))")
+                #expect(try connection.pread(count: 4096, offset: UInt64(index) * 4096) == ImageFile.constant(UInt8(index + 1), count: 4096))
+            }
+        }
+        expectUsable(connection, "after pipelined errors")
+    }
+
+    @Test("requests from concurrent threads on one connection")
     func concurrentRequests() throws {
         let fixture = try ServerFixture()
         let connection = try fixture.connect()
