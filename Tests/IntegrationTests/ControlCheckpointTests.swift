@@ -58,6 +58,9 @@ struct ControlCheckpointTests {
         #expect(created == ["name": "c1", "bitmap": "b0", "count": .int(4 * 65536)])
         let event = try observer.waitForEvent("CHECKPOINT_CREATED")
         #expect(event["data"] == ["node": "disk", "name": "c1", "bitmap": "b0", "consume": false])
+        let seconds = event["timestamp"]?["seconds"]?.intValue ?? 0
+        #expect(abs(seconds - Int64(Date().timeIntervalSince1970)) < 60, "event timestamp \(event)")
+        #expect((0..<1_000_000).contains(event["timestamp"]?["microseconds"]?.intValue ?? -1))
         var bitmaps = try ControlFixture.bitmaps(client)
         #expect(bitmaps["b0"]?["count"] == 0 && bitmaps["b0"]?["recording"] == true && bitmaps["b0"]?["busy"] == false)
         #expect(bitmaps["c1"] == [
@@ -194,6 +197,37 @@ struct ControlCheckpointTests {
         #expect(try client.run("query-checkpoints") == [])
     }
 
+    @Test("a pending checkpoint of a persistent bitmap survives a restart; aborting it then loses nothing")
+    func pendingCheckpointAcrossRestart() throws {
+        let fixture = try ControlFixture()
+        let size = fixture.size
+        let client = try fixture.qmp()
+        try client.run("block-dirty-bitmap-add", ["node": "disk", "name": "b0", "persistent": true])
+        try fixture.write([(1 * Self.mib, 4096)])
+        try client.run("checkpoint-create", ["node": "disk", "bitmap": "b0", "name": "nightly", "abort-on-disconnect": false])
+        try fixture.write([(4 * Self.mib, 4096)])
+        client.close()
+        #expect(try fixture.server.stop() == .success)
+
+        let control = fixture.directory.file("qmp2.sock")
+        let restarted = try TidemarkProcess(
+            arguments: ["serve", fixture.image, "--unix", fixture.directory.file("nbd2.sock"), "--control", control],
+            directory: fixture.directory)
+        defer { _ = try? restarted.stop() }
+        let again = try QMPTestClient(path: control)
+        let bitmaps = try ControlFixture.bitmaps(again)
+        #expect(Set(bitmaps.keys) == ["b0", "nightly"])
+        #expect(bitmaps["nightly"]?["busy"] == true && bitmaps["nightly"]?["checkpoint-of"] == "b0", "\(bitmaps)")
+        #expect(bitmaps["nightly"]?["count"] == 65536 && bitmaps["b0"]?["count"] == 65536, "\(bitmaps)")
+        #expect(try again.run("query-checkpoints") == [["node": "disk", "name": "nightly", "bitmap": "b0", "count": 65536]])
+        try again.run("checkpoint-abort", ["node": "disk", "name": "nightly"])
+        let connection = try restarted.connect(export: "disk") { $0.metaContexts = [BitmapMaps.context("b0")] }
+        defer { try? connection.shutdown() }
+        #expect(
+            try BitmapMaps.map(connection, context: BitmapMaps.context("b0"), size: size)
+                == BitmapMaps.bitmapMap(dirty: [(1 * Self.mib, 65536), (4 * Self.mib, 65536)], size: size))
+    }
+
     // MARK: - Abort on disconnect
 
     @Test("a checkpoint whose client disconnects is aborted after its timeout; others get CHECKPOINT_ABORTED")
@@ -241,6 +275,20 @@ struct ControlCheckpointTests {
         #expect(Set(bitmaps.keys) == ["keep", "done", "k1"])
         #expect(bitmaps["done"]?["count"] == 0, "the completed increment was not merged back")
         try observer.run("checkpoint-complete", ["node": "disk", "name": "k1"])
+    }
+
+    @Test("a huge timeout is accepted and never fires; the server keeps running")
+    func hugeTimeout() throws {
+        let fixture = try ControlFixture()
+        let observer = try fixture.qmp()
+        try observer.run("block-dirty-bitmap-add", ["node": "disk", "name": "b0"])
+        let creator = try fixture.qmp()
+        try creator.run("checkpoint-create", ["node": "disk", "bitmap": "b0", "timeout": .int(.max)])
+        creator.close()
+        usleep(500_000)
+        #expect(fixture.server.isRunning, "\(fixture.server.serverLog)")
+        #expect(try observer.run("query-checkpoints").arrayValue?.count == 1)
+        try observer.run("checkpoint-complete", ["node": "disk", "name": "c1"])
     }
 
     @Test("--checkpoint-timeout is the default timeout of abort on disconnect")

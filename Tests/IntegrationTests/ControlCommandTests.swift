@@ -93,6 +93,27 @@ struct ControlCommandTests {
         #expect(bitmaps["keep"]?["generation"] == 0, "a clean stop is no recovery")
     }
 
+    @Test("generation in query-named-block-nodes counts unclean recoveries of a persistent bitmap")
+    func generationAfterKill() throws {
+        let fixture = try ControlFixture()
+        let client = try fixture.qmp()
+        try client.run("block-dirty-bitmap-add", ["node": "disk", "name": "keep", "persistent": true])
+        try client.run("block-dirty-bitmap-add", ["node": "disk", "name": "mem"])
+        try fixture.write([(5 * Self.mib, 4096)])
+        client.close()
+        _ = try fixture.server.stop(signal: SIGKILL)
+
+        let control = fixture.directory.file("qmp2.sock")
+        let restarted = try TidemarkProcess(
+            arguments: ["serve", fixture.image, "--unix", fixture.directory.file("nbd2.sock"), "--control", control],
+            directory: fixture.directory)
+        defer { _ = try? restarted.stop() }
+        let bitmaps = try ControlFixture.bitmaps(try QMPTestClient(path: control))
+        #expect(Set(bitmaps.keys) == ["keep"])
+        #expect(bitmaps["keep"]?["generation"] == 1, "\(bitmaps)")
+        #expect((bitmaps["keep"]?["count"]?.intValue ?? 0) >= 65536, "the write before the kill is still dirty: \(bitmaps)")
+    }
+
     @Test("remove, clear, enable, disable: effects and errors")
     func removeClearEnableDisable() throws {
         let fixture = try ControlFixture()
@@ -315,6 +336,24 @@ struct ControlCommandTests {
         let back = try fixture.connect(export: "e1")
         #expect(try back.pread(count: 4096, offset: 0) == ImageFile.constant(0xEE, count: 4096))
         try back.shutdown()
+    }
+
+    @Test("block-export-add of an image another export writes: refused writable, allowed read-only")
+    func exportSameImageTwice() throws {
+        let fixture = try ControlFixture(filled: true)
+        let client = try fixture.qmp()
+        let refused = try client.failure("block-export-add", ["id": "again", "filename": .string(fixture.image), "writable": true])
+        #expect(refused.errorClass == "GenericError" && refused.desc.contains(fixture.image), "\(refused)")
+        #expect(try client.run("query-block-exports").arrayValue?.count == 1)
+        try client.run("block-export-add", ["id": "view", "filename": .string(fixture.image)])
+        let view = try fixture.connect(export: "view")
+        #expect(try view.isReadOnly)
+        #expect(try view.pread(count: 4096, offset: 8192) == ImageFile.pattern(count: 4096, offset: 8192))
+        try view.shutdown()
+        // The writable export still works and its bitmaps are untouched.
+        try client.run("block-dirty-bitmap-add", ["node": "disk", "name": "b0"])
+        try fixture.write([(0, 4096)])
+        #expect(try ControlFixture.bitmaps(client)["b0"]?["count"] == 65536)
     }
 
     @Test("query-checkpoints lists pending increments with node, name, bitmap and count")
