@@ -22,6 +22,9 @@ public typealias NBDExtent = (length: UInt32, flags: UInt32)
 /// ``connect(unixSocket:)`` or ``connect(host:port:)``), issue commands, then
 /// ``shutdown()``. The handle is closed when the object is released.
 ///
+/// Each synchronous command waits for its reply; ``pipelinedWrites(_:)`` and
+/// ``pipelinedReads(_:)`` put many commands in flight on one connection, as real clients do.
+///
 /// Sendability: this is `@unchecked Sendable` because libnbd protects every handle with
 /// its own lock — every `nbd_*` call on a handle may be made from any thread, and
 /// concurrent calls are serialised inside the library. The Swift object holds only the
