@@ -5,12 +5,13 @@ import Testing
 /// fio with its libnbd engine, verifying every block it wrote with crc32c.
 @Suite("fio", .serialized)
 struct FioTests {
-    static func fio(_ uri: String, _ arguments: [String]) throws -> [String: Any] {
+    /// Runs fio in `directory` (fio leaves files in its working directory otherwise).
+    static func fio(_ uri: String, in directory: TestDirectory, _ arguments: [String]) throws -> [String: Any] {
         let result = try ExternalTool.check(
             "fio",
             ["--ioengine=nbd", "--uri=\(uri)", "--output-format=json", "--verify=crc32c", "--do_verify=1",
-             "--verify_fatal=1", "--verify_backlog=0"] + arguments,
-            timeout: 180)
+             "--verify_fatal=1", "--verify_backlog=0", "--verify_state_save=0"] + arguments,
+            timeout: 180, currentDirectory: directory.path)
         guard let start = result.stdout.firstIndex(of: "{"),
               let json = try JSONSerialization.jsonObject(with: Data(result.stdout[start...].utf8)) as? [String: Any]
         else {
@@ -26,7 +27,7 @@ struct FioTests {
     @Test("random 4 KiB writes at queue depth 16, verified with crc32c")
     func randomWriteVerify() throws {
         let fixture = try ServerFixture()
-        let json = try Self.fio(fixture.uri, [
+        let json = try Self.fio(fixture.uri, in: fixture.directory, [
             "--name=randwrite", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16m",
         ])
         #expect(Self.jobErrors(json) == [0])
@@ -37,7 +38,7 @@ struct FioTests {
     @Test("mixed block sizes 512 B – 256 KiB, sequential, verified with crc32c")
     func mixedSizesVerify() throws {
         let fixture = try ServerFixture()
-        let json = try Self.fio(fixture.uri, [
+        let json = try Self.fio(fixture.uri, in: fixture.directory, [
             "--name=mixed", "--rw=write", "--bsrange=512-256k", "--iodepth=8", "--size=16m",
         ])
         #expect(Self.jobErrors(json) == [0])
@@ -46,7 +47,7 @@ struct FioTests {
     @Test("two fio jobs on separate connections and regions, verified with crc32c")
     func twoJobs() throws {
         let fixture = try ServerFixture()
-        let json = try Self.fio(fixture.uri, [
+        let json = try Self.fio(fixture.uri, in: fixture.directory, [
             "--name=a", "--rw=randwrite", "--bs=64k", "--iodepth=4", "--offset=0", "--size=8m",
             "--name=b", "--rw=randwrite", "--bs=16k", "--iodepth=4", "--offset=8m", "--size=8m",
         ])

@@ -34,10 +34,12 @@ enum ExternalTool {
 
     /// Runs `name` with `arguments` and waits for it, killing it after `timeout` seconds.
     /// Output goes to files, not pipes, so a chatty tool can never block on a full pipe.
+    /// `currentDirectory` keeps tools that drop files in their working directory (fio)
+    /// out of the repository.
     @discardableResult
     static func run(
         _ name: String, _ arguments: [String], timeout: TimeInterval = 120,
-        environment: [String: String] = [:]
+        environment: [String: String] = [:], currentDirectory: String? = nil
     ) throws -> ToolResult {
         let executable = try locate(name)
         let directory = try TestDirectory()
@@ -54,6 +56,9 @@ enum ExternalTool {
         process.standardOutput = out
         process.standardError = err
         process.standardInput = FileHandle.nullDevice
+        if let currentDirectory {
+            process.currentDirectoryURL = URL(fileURLWithPath: currentDirectory)
+        }
         if !environment.isEmpty {
             process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         }
@@ -86,9 +91,9 @@ enum ExternalTool {
     @discardableResult
     static func check(
         _ name: String, _ arguments: [String], timeout: TimeInterval = 120,
-        environment: [String: String] = [:]
+        environment: [String: String] = [:], currentDirectory: String? = nil
     ) throws -> ToolResult {
-        let result = try run(name, arguments, timeout: timeout, environment: environment)
+        let result = try run(name, arguments, timeout: timeout, environment: environment, currentDirectory: currentDirectory)
         guard result.succeeded else {
             throw HarnessError(result.description)
         }
