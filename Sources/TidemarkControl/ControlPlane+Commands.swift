@@ -265,14 +265,15 @@ extension ControlPlane {
             while existing.contains("c\(number)") { number += 1 }
             name = "c\(number)"
         }
+        // Every argument is checked before anything changes.
         let consume = try arguments.bool("consume", default: false)
-        try perform([(export, [.createCheckpoint(bitmap: bitmap, increment: name, consume: consume)])])
         let timeout = try arguments.optionalUInt("timeout").map { TimeAmount.seconds(Int64(clamping: $0)) }
+        let abortOnDisconnect = try arguments.bool("abort-on-disconnect", default: true)
+        try perform([(export, [.createCheckpoint(bitmap: bitmap, increment: name, consume: consume)])])
         recordOwner(
             CheckpointKey(node: node, name: name),
             CheckpointOwner(
-                session: session, abortOnDisconnect: try arguments.bool("abort-on-disconnect", default: true),
-                timeout: timeout ?? defaultCheckpointTimeout))
+                session: session, abortOnDisconnect: abortOnDisconnect, timeout: timeout ?? defaultCheckpointTimeout))
         let count = export.tracker.query().first { $0.name == name }?.count ?? 0
         emit(
             "CHECKPOINT_CREATED",

@@ -48,9 +48,9 @@ public enum JSONValue: Sendable, Equatable, Codable {
         }
     }
 
-    /// Parses one JSON document.
+    /// Parses one JSON document, strictly (no trailing commas, bounded nesting).
     public static func parse(_ bytes: some Collection<UInt8>) throws -> JSONValue {
-        try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
+        try JSONParser.parse(Array(bytes))
     }
 
     /// Serialises compactly, with sorted keys so output is stable.

@@ -16,13 +16,6 @@ final class QMPConnectionHandler: ChannelInboundHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let channel = context.channel
-        session = control.openSession { event in
-            // Events may come from any thread; the channel hops to its loop.
-            var buffer = channel.allocator.buffer(capacity: 256)
-            buffer.writeString(event.serialized() + "\r\n")
-            channel.writeAndFlush(buffer, promise: nil)
-        }
         let version: JSONValue = [
             "qemu": [
                 "major": .int(Int64(ControlPlane.version.major)), "minor": .int(Int64(ControlPlane.version.minor)),
@@ -88,6 +81,15 @@ final class QMPConnectionHandler: ChannelInboundHandler {
             }
             negotiated = true
             reply(result: [:], id: id, context: context)
+            // Events start only after negotiation, as in QEMU: a client still waiting for
+            // its capabilities reply must not get an event instead.
+            let channel = context.channel
+            session = control.openSession { event in
+                // Events may come from any thread; the channel hops to its loop.
+                var buffer = channel.allocator.buffer(capacity: 256)
+                buffer.writeString(event.serialized() + "\r\n")
+                channel.writeAndFlush(buffer, promise: nil)
+            }
             return
         }
         guard let session else { return }

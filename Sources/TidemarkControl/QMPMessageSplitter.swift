@@ -1,4 +1,5 @@
-/// Cuts a QMP byte stream into top-level JSON objects.
+/// Cuts a QMP byte stream into top-level JSON objects; anything else at the top level
+/// (arrays, strings, numbers, words) is reported as garbage, skipped whole.
 ///
 /// QMP clients may send several commands in one write, one command across several
 /// writes, with or without newlines between them, so the splitter tracks nesting,
@@ -23,6 +24,11 @@ public struct QMPMessageSplitter {
     private var inString = false
     private var escaped = false
     private var overflowed = false
+    /// Inside a string that stands alone at the top level (garbage, skipped whole so
+    /// braces inside it cannot start a message).
+    private var inTopLevelString = false
+    /// The top-level value being framed is an array, not an object.
+    private var framingArray = false
 
     public init(maximumMessageSize: Int = Self.defaultMaximumMessageSize) {
         self.maximumMessageSize = maximumMessageSize
@@ -32,12 +38,28 @@ public struct QMPMessageSplitter {
     public mutating func feed(_ bytes: some Sequence<UInt8>) -> [Output] {
         var outputs: [Output] = []
         for byte in bytes {
+            if inTopLevelString {
+                if escaped {
+                    escaped = false
+                } else if byte == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if byte == UInt8(ascii: "\"") {
+                    inTopLevelString = false
+                }
+                continue
+            }
             if depth == 0 {
                 switch byte {
-                case UInt8(ascii: "{"):
+                case UInt8(ascii: "{"), UInt8(ascii: "["):
+                    // Arrays are framed too and reported whole as garbage, so the objects
+                    // inside them are never run.
                     depth = 1
                     current = [byte]
                     overflowed = false
+                    framingArray = byte == UInt8(ascii: "[")
+                case UInt8(ascii: "\""):
+                    inTopLevelString = true
+                    if outputs.last != .garbage { outputs.append(.garbage) }
                 case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"):
                     continue
                 default:
@@ -71,7 +93,11 @@ public struct QMPMessageSplitter {
             case UInt8(ascii: "}"), UInt8(ascii: "]"):
                 depth -= 1
                 if depth == 0 {
-                    outputs.append(overflowed ? .oversized : .message(current))
+                    if framingArray {
+                        if outputs.last != .garbage { outputs.append(.garbage) }
+                    } else {
+                        outputs.append(overflowed ? .oversized : .message(current))
+                    }
                     current = []
                 }
             default:
