@@ -63,7 +63,7 @@ let package = Package(
         .executableTarget(
             name: "tidemark",
             dependencies: [
-                "TidemarkServer", "TidemarkControl", "BlockStorage", "DirtyTracking",
+                "TidemarkServer", "TidemarkControl", "BlockStorage", "DirtyTracking", "CLinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <malloc.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -44,4 +45,9 @@ int clinuxio_is_block_device(int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return 0;
     return S_ISBLK(st.st_mode) ? 1 : 0;
+}
+
+void clinuxio_keep_large_allocations(size_t threshold) {
+    mallopt(M_MMAP_THRESHOLD, (int)threshold);
+    mallopt(M_TRIM_THRESHOLD, (int)(threshold * 2));
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockStorage
+import CLinuxIO
 import DirtyTracking
 import Dispatch
 import Logging
@@ -102,6 +103,9 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Read replies of up to 32 MiB are allocated per request; keep them off mmap so
+        // each does not page-fault its memory in afresh (in a 3-round A/B: +7% on 1 MiB reads, within noise elsewhere).
+        clinuxio_keep_large_allocations(40 << 20)
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

@@ -31,4 +31,8 @@ int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length);
 /// True when the fd refers to a block device.
 int clinuxio_is_block_device(int fd);
 
+/// Serves allocations up to `threshold` bytes from the heap instead of fresh mmaps, and
+/// keeps freed heap memory for reuse: large read replies then cost no page faults.
+void clinuxio_keep_large_allocations(size_t threshold);
+
 #endif
