@@ -72,7 +72,10 @@ public struct TransmissionStateMachine {
         inFlight -= 1
         bytesInFlight -= min(cost, bytesInFlight)
         if isDisconnecting { return inFlight == 0 ? .close : .none }
-        if readingPaused && inFlight <= maximumInFlight / 2 && bytesInFlight <= maximumBytesInFlight / 2 {
+        // Resume below half of both limits, or once nothing is in flight (which also covers
+        // limits so small that half of them is zero).
+        let belowHalf = inFlight < maximumInFlight / 2 && bytesInFlight < maximumBytesInFlight / 2
+        if readingPaused && (belowHalf || inFlight == 0) {
             readingPaused = false
             return .resumeReading
         }
