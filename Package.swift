@@ -4,6 +4,10 @@ import PackageDescription
 let strictSettings: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
     .enableUpcomingFeature("MemberImportVisibility"),
+    // Release builds skip run-time exclusivity checks on the data path (debug builds and
+    // so the tests keep them). Measured in a 3-round fio A/B: +3% 4 KiB writes, +7% 1 MiB
+    // reads, random reads unchanged.
+    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
 ]
 
 let package = Package(

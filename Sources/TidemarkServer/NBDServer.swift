@@ -112,6 +112,9 @@ public final class NBDServer: Sendable {
             .childChannelOption(.maxMessagesPerRead, value: 8)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
             .childChannelOption(.allowRemoteHalfClosure, value: false)
+            // A 1 MiB reply goes out in one or two writes instead of many EPOLLOUT rounds
+            // (3-round fio A/B: +10% on 1 MiB sequential reads).
+            .childChannelOption(.socketOption(.so_sndbuf), value: 4 << 20)
             .childChannelInitializer { [weak self] channel in
                 guard let self, self.admit(channel) else {
                     return channel.close()
