@@ -144,7 +144,13 @@ public final class DirtyTracker: Sendable {
                 try store.startJournal(epoch: snapshot.epoch)
                 return snapshot
             }
-            try store.write(snapshot, cleanShutdown: cleanShutdown)
+            do throws(BitmapError) {
+                try store.write(snapshot, cleanShutdown: cleanShutdown)
+            } catch {
+                // The bits were not saved: the next save (FLUSH or the timer) must retry.
+                state.withLock { $0.unsaved = true }
+                throw error
+            }
         }
     }
 

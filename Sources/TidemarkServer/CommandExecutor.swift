@@ -99,8 +99,9 @@ struct CommandExecutor {
         }
     }
 
-    /// Saves bitmap bits on FLUSH. A failure is logged by the caller's logger elsewhere;
-    /// the data flush itself succeeded and the journal still guarantees recovery.
+    /// Saves bitmap bits on FLUSH. A failed save does not fail the FLUSH: the data is
+    /// durable, the journal still guarantees recovery, and the periodic save retries the
+    /// bits and logs the error.
     private static func saveBitmaps(_ tracker: DirtyTracker) {
         try? tracker.saveIfNeeded()
     }
