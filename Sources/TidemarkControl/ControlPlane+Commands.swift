@@ -36,13 +36,7 @@ extension ControlPlane {
             throw QMPError(.commandNotFound, "Capabilities negotiation is already complete, command ignored")
         case "query-version":
             _ = try QMPArguments(arguments, allowed: [])
-            return [
-                "qemu": [
-                    "major": .int(Int64(Self.version.major)), "minor": .int(Int64(Self.version.minor)),
-                    "micro": .int(Int64(Self.version.micro)),
-                ],
-                "package": "tidemark",
-            ]
+            return Self.versionInfo
         case "query-commands":
             _ = try QMPArguments(arguments, allowed: [])
             return .array(Self.commandNames.map { ["name": .string($0)] })

@@ -36,6 +36,17 @@ public final class ControlPlane: Sendable {
 
     public static let version = (major: 0, minor: 1, micro: 0)
 
+    /// The version as QMP reports it, in the greeting and in `query-version`.
+    public static var versionInfo: JSONValue {
+        [
+            "qemu": [
+                "major": .int(Int64(version.major)), "minor": .int(Int64(version.minor)),
+                "micro": .int(Int64(version.micro)),
+            ],
+            "package": "tidemark",
+        ]
+    }
+
     let registry: ExportRegistry
     let logger: Logger
     /// How long a checkpoint whose client disconnected stays pending before it is aborted.

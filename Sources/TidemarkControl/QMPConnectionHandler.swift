@@ -16,14 +16,7 @@ final class QMPConnectionHandler: ChannelInboundHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let version: JSONValue = [
-            "qemu": [
-                "major": .int(Int64(ControlPlane.version.major)), "minor": .int(Int64(ControlPlane.version.minor)),
-                "micro": .int(Int64(ControlPlane.version.micro)),
-            ],
-            "package": "tidemark",
-        ]
-        send(["QMP": ["version": version, "capabilities": []]], context: context)
+        send(["QMP": ["version": ControlPlane.versionInfo, "capabilities": []]], context: context)
         context.fireChannelActive()
     }
 
@@ -86,9 +79,7 @@ final class QMPConnectionHandler: ChannelInboundHandler {
             let channel = context.channel
             session = control.openSession { event in
                 // Events may come from any thread; the channel hops to its loop.
-                var buffer = channel.allocator.buffer(capacity: 256)
-                buffer.writeString(event.serialized() + "\r\n")
-                channel.writeAndFlush(buffer, promise: nil)
+                channel.writeAndFlush(Self.frame(event, allocator: channel.allocator), promise: nil)
             }
             return
         }
@@ -121,9 +112,14 @@ final class QMPConnectionHandler: ChannelInboundHandler {
     }
 
     private func send(_ message: JSONValue, context: ChannelHandlerContext) {
-        var buffer = context.channel.allocator.buffer(capacity: 256)
+        context.writeAndFlush(wrapOutboundOut(Self.frame(message, allocator: context.channel.allocator)), promise: nil)
+    }
+
+    /// One QMP message on the wire: compact JSON and CRLF, as QEMU sends it.
+    private static func frame(_ message: JSONValue, allocator: ByteBufferAllocator) -> ByteBuffer {
+        var buffer = allocator.buffer(capacity: 256)
         buffer.writeString(message.serialized() + "\r\n")
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        return buffer
     }
 }
 

@@ -24,9 +24,6 @@ public struct QMPMessageSplitter {
     private var inString = false
     private var escaped = false
     private var overflowed = false
-    /// Inside a string that stands alone at the top level (garbage, skipped whole so
-    /// braces inside it cannot start a message).
-    private var inTopLevelString = false
     /// The top-level value being framed is an array, not an object.
     private var framingArray = false
 
@@ -38,13 +35,16 @@ public struct QMPMessageSplitter {
     public mutating func feed(_ bytes: some Sequence<UInt8>) -> [Output] {
         var outputs: [Output] = []
         for byte in bytes {
-            if inTopLevelString {
+            // Strings are scanned the same inside a message and at the top level, where
+            // one is garbage but must still be skipped whole: braces in it start nothing.
+            if inString {
+                if depth > 0 { keep(byte) }
                 if escaped {
                     escaped = false
                 } else if byte == UInt8(ascii: "\\") {
                     escaped = true
                 } else if byte == UInt8(ascii: "\"") {
-                    inTopLevelString = false
+                    inString = false
                 }
                 continue
             }
@@ -58,7 +58,7 @@ public struct QMPMessageSplitter {
                     overflowed = false
                     framingArray = byte == UInt8(ascii: "[")
                 case UInt8(ascii: "\""):
-                    inTopLevelString = true
+                    inString = true
                     if outputs.last != .garbage { outputs.append(.garbage) }
                 case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"):
                     continue
@@ -67,24 +67,7 @@ public struct QMPMessageSplitter {
                 }
                 continue
             }
-            if !overflowed {
-                if current.count >= maximumMessageSize {
-                    overflowed = true
-                    current = []
-                } else {
-                    current.append(byte)
-                }
-            }
-            if inString {
-                if escaped {
-                    escaped = false
-                } else if byte == UInt8(ascii: "\\") {
-                    escaped = true
-                } else if byte == UInt8(ascii: "\"") {
-                    inString = false
-                }
-                continue
-            }
+            keep(byte)
             switch byte {
             case UInt8(ascii: "\""):
                 inString = true
@@ -105,5 +88,16 @@ public struct QMPMessageSplitter {
             }
         }
         return outputs
+    }
+
+    /// Appends a byte of the message being framed, up to the size limit.
+    private mutating func keep(_ byte: UInt8) {
+        guard !overflowed else { return }
+        if current.count >= maximumMessageSize {
+            overflowed = true
+            current = []
+        } else {
+            current.append(byte)
+        }
     }
 }
