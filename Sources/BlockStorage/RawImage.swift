@@ -207,6 +207,13 @@ public final class RawImage: Sendable {
         }
     }
 
+    /// Bytes the file occupies on disk, which for a sparse file is what was written.
+    public var allocatedBytes: UInt64 {
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { return 0 }
+        return UInt64(max(0, info.st_blocks)) * 512
+    }
+
     /// Asks the kernel to start reading a range into the page cache (advisory).
     public func prefetch(at offset: UInt64, length: UInt64) {
         guard (try? Self.checkRepresentable(offset, length, size: size)) != nil else { return }

@@ -17,6 +17,8 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
     case outOfRange(offset: UInt64, length: UInt64, size: UInt64)
     /// The filesystem cannot do this cheaply (e.g. zeroing without writing).
     case notSupported(operation: String)
+    /// A point-in-time view can no longer show its instant (closed, or copying failed).
+    case viewUnavailable(reason: String)
 
     /// The errno closest to this failure, for protocols that speak errno.
     public var errno: Int32 {
@@ -26,6 +28,7 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
         case .readOnly: return EROFS
         case .outOfRange: return EINVAL
         case .notSupported: return EOPNOTSUPP
+        case .viewUnavailable: return EIO
         }
     }
 
@@ -43,6 +46,8 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
             return "range \(offset)+\(length) is outside the image (size \(size))"
         case .notSupported(let operation):
             return "\(operation) is not supported by this file system"
+        case .viewUnavailable(let reason):
+            return "the point-in-time view is unavailable: \(reason)"
         }
     }
 }

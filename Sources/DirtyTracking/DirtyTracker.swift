@@ -1,5 +1,9 @@
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The named bitmaps of one image, and the single place writes are recorded.
 ///
 /// Every connection to an export shares one tracker, so a write on any connection is in
@@ -28,6 +32,8 @@ public final class DirtyTracker: Sendable {
         var journaling = false
         /// Bits or flags of persistent bitmaps changed since the last save.
         var unsaved = false
+        /// Advances with every management operation; writes count themselves in it.
+        var writeEpoch: UInt64 = 0
 
         mutating func refreshJournaling() {
             journaling = bitmaps.contains { $0.persistent && $0.recording }
@@ -43,6 +49,12 @@ public final class DirtyTracker: Sendable {
     private let journalLock = Mutex<Void>(())
     /// Serialises saves.
     private let saveLock = Mutex<Void>(())
+    /// Modifications in flight that began in an even or an odd write epoch. Two counters
+    /// suffice: operations are serialised and each drains its epoch before the next.
+    private let inFlightEven = Atomic<Int>(0)
+    private let inFlightOdd = Atomic<Int>(0)
+    /// Serialises management operations, so at most two epochs have writes in flight.
+    private let operationLock = Mutex<Void>(())
 
     /// A tracker with no persistence: bitmaps live as long as the process.
     public init(size: UInt64) {
@@ -79,29 +91,72 @@ public final class DirtyTracker: Sendable {
 
     // MARK: - The write path
 
+    /// One write, write-zeroes or trim between `willModify` and `didModify`.
+    public struct Modification: Sendable, Equatable {
+        /// The write epoch it began in; management operations wait for their epoch's
+        /// modifications to finish.
+        public let epoch: UInt64
+        /// Journal regions that must be made durable (with `makeDurable`) before the
+        /// data may be written, or nil when none must.
+        public let journalRegions: ClosedRange<Int>?
+    }
+
     /// Records that `[offset, offset+length)` is about to change, in every recording
     /// bitmap. Call before the data can reach the disk, and whether or not the write
-    /// will succeed: over-reporting is safe, under-reporting loses backup data.
-    /// - Returns: journal regions that must be made durable (with `makeDurable`) before
-    ///   the write may proceed, or nil when none must.
-    public func willModify(offset: UInt64, length: UInt64) -> ClosedRange<Int>? {
-        guard length > 0 else { return nil }
-        return state.withLock { state -> ClosedRange<Int>? in
-            guard !state.bitmaps.isEmpty else { return nil }
+    /// will succeed: over-reporting is safe, under-reporting loses backup data. Every call
+    /// must be paired with `didModify` once the data is written (or the write failed).
+    public func willModify(offset: UInt64, length: UInt64) -> Modification {
+        state.withLock { state -> Modification in
+            let epoch = state.writeEpoch
+            adjustInFlight(epoch: epoch, by: 1)
+            guard length > 0, !state.bitmaps.isEmpty else { return Modification(epoch: epoch, journalRegions: nil) }
             for index in state.bitmaps.indices where state.bitmaps[index].recording {
                 state.bitmaps[index].bitmap.markDirty(offset: offset, length: length)
             }
-            guard state.journaling else { return nil }
+            guard state.journaling else { return Modification(epoch: epoch, journalRegions: nil) }
             state.unsaved = true
             let end = DirtyBitmap.clippedEnd(offset: offset, length: length, size: size)
-            guard offset < end else { return nil }
+            guard offset < end else { return Modification(epoch: epoch, journalRegions: nil) }
             let first = Int(offset / BitmapStore.regionSize)
             let last = Int((end - 1) / BitmapStore.regionSize)
             for region in first...last where !state.durableRegions.isDirty(granule: region) {
-                return first...last
+                return Modification(epoch: epoch, journalRegions: first...last)
             }
-            return nil
+            return Modification(epoch: epoch, journalRegions: nil)
         }
+    }
+
+    /// The modification's data is written (or its write failed).
+    public func didModify(_ modification: Modification) {
+        adjustInFlight(epoch: modification.epoch, by: -1)
+    }
+
+    /// The whole write-path protocol at once, for callers that write synchronously
+    /// (offline tools, tests): mark, make the journal durable, then `write`.
+    public func recordModification(offset: UInt64, length: UInt64, write: () throws -> Void = {}) throws {
+        let modification = willModify(offset: offset, length: length)
+        defer { didModify(modification) }
+        if let regions = modification.journalRegions { try makeDurable(regions) }
+        try write()
+    }
+
+    private func adjustInFlight(epoch: UInt64, by delta: Int) {
+        if epoch & 1 == 0 {
+            inFlightEven.wrappingAdd(delta, ordering: .sequentiallyConsistent)
+        } else {
+            inFlightOdd.wrappingAdd(delta, ordering: .sequentiallyConsistent)
+        }
+    }
+
+    /// Waits until every modification begun in `epoch` has finished, so a management
+    /// operation is atomic with respect to writes: a write whose bits it saw has landed.
+    private func drain(epoch: UInt64) {
+        while inFlight(epoch: epoch) > 0 { usleep(20) }
+    }
+
+    private func inFlight(epoch: UInt64) -> Int {
+        epoch & 1 == 0
+            ? inFlightEven.load(ordering: .sequentiallyConsistent) : inFlightOdd.load(ordering: .sequentiallyConsistent)
     }
 
     /// Makes the journal record of `regions` durable (group commit: concurrent callers
@@ -166,24 +221,35 @@ public final class DirtyTracker: Sendable {
     /// every write lands wholly before or wholly after them. On the first error nothing
     /// has changed and the error is thrown. Persistent changes are saved before returning.
     public func perform(_ operations: [BitmapOperation]) throws(BitmapError) {
-        let touchedPersistent = try state.withLock { (state: inout State) throws(BitmapError) -> Bool in
-            // Keep the old array: it shares storage until an operation mutates a bitmap,
-            // so the rollback copy costs only what the operations touch.
-            let before = state.bitmaps
-            do throws(BitmapError) {
-                var persistent = false
-                for operation in operations {
-                    persistent = try state.apply(operation, size: size, hasStore: store != nil) || persistent
+        try operationLock.withLock { (_: inout Void) throws(BitmapError) in
+            let (touchedPersistent, epoch) = try state.withLock { (state: inout State) throws(BitmapError) -> (Bool, UInt64) in
+                // Keep the old array: it shares storage until an operation mutates a bitmap,
+                // so the rollback copy costs only what the operations touch.
+                let before = state.bitmaps
+                do throws(BitmapError) {
+                    var persistent = false
+                    for operation in operations {
+                        persistent = try state.apply(operation, size: size, hasStore: store != nil) || persistent
+                    }
+                    state.refreshJournaling()
+                    state.writeEpoch += 1
+                    return (persistent, state.writeEpoch - 1)
+                } catch {
+                    state.bitmaps = before
+                    throw error
                 }
-                state.refreshJournaling()
-                return persistent
-            } catch {
-                state.bitmaps = before
-                throw error
             }
+            // Writes marked before the operations must land before anyone acts on them
+            // (reads an increment's data, opens a view of the instant).
+            drain(epoch: epoch)
+            if touchedPersistent { try save() }
         }
-        if touchedPersistent { try save() }
     }
+
+    /// The epoch the next management operation ends: writes from it on begin after that
+    /// operation. Callers that prepare for an operation (a view that writes of the next
+    /// epoch must preserve into) read it first; operations are serialised by the caller.
+    public var nextWriteEpoch: UInt64 { state.withLock { $0.writeEpoch + 1 } }
 
     /// Checks that `operations` would succeed now, without changing anything.
     public func validate(_ operations: [BitmapOperation]) throws(BitmapError) {

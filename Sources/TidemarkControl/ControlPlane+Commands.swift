@@ -57,12 +57,20 @@ extension ControlPlane {
         case "query-checkpoints":
             _ = try QMPArguments(arguments, allowed: [])
             return .array(registry.all.flatMap { export in
-                export.tracker.query().compactMap { bitmap -> JSONValue? in
+                export.openViews == nil ? [] : export.tracker.query().compactMap { bitmap -> JSONValue? in
                     guard let origin = bitmap.checkpointOf else { return nil }
-                    return [
+                    var entry: [String: JSONValue] = [
                         "node": .string(export.name), "name": .string(bitmap.name), "bitmap": .string(origin),
                         "count": .int(Int64(bitmap.count)),
                     ]
+                    if let open = export.openViews?.entry(checkpoint: bitmap.name) {
+                        entry["view"] = .string(open.exportNames[0])
+                        entry["changes-view"] = .string(open.exportNames[1])
+                        entry["view-preserved-bytes"] = .int(Int64(clamping: open.view.preservedBytes))
+                        entry["view-sidecar-bytes"] = .int(Int64(clamping: open.view.sidecarAllocatedBytes))
+                        if let failure = open.view.failure { entry["view-error"] = .string(failure.description) }
+                    }
+                    return .object(entry)
                 }
             })
         case "block-export-add":
@@ -74,7 +82,7 @@ extension ControlPlane {
             return try createCheckpoint(
                 QMPArguments(
                     arguments,
-                    allowed: ["node", "bitmap", "name", "consume", "abort-on-disconnect", "timeout"]),
+                    allowed: ["node", "bitmap", "name", "consume", "abort-on-disconnect", "timeout", "view"]),
                 session: session)
         case "checkpoint-complete", "checkpoint-abort":
             return try finishCheckpoint(command, QMPArguments(arguments, allowed: ["node", "name"]))
@@ -95,6 +103,9 @@ extension ControlPlane {
     /// Turns one bitmap command into the operation it stands for.
     func bitmapOperation(_ command: String, _ arguments: QMPArguments) throws(QMPError) -> (Export, BitmapOperation) {
         let export = try export(arguments.string("node"))
+        guard export.openViews != nil else {
+            throw QMPError(.genericError, "'\(export.name)' is a point-in-time view; its bitmaps belong to its export")
+        }
         switch command {
         case "block-dirty-bitmap-add":
             let name = try arguments.string("name")
@@ -174,7 +185,8 @@ extension ControlPlane {
     }
 
     static func describeNode(_ export: Export) -> JSONValue {
-        let bitmaps: [JSONValue] = export.tracker.query().map { bitmap in
+        let offered = Set(export.offeredBitmaps)
+        let bitmaps: [JSONValue] = export.tracker.query().filter { offered.contains($0.name) }.map { bitmap in
             var entry: [String: JSONValue] = [
                 "name": .string(bitmap.name), "count": .int(Int64(bitmap.count)),
                 "granularity": .int(Int64(bitmap.granularity)), "recording": .bool(bitmap.recording),
@@ -232,6 +244,15 @@ extension ControlPlane {
 
     func deleteExport(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
         let id = try arguments.string("id")
+        if let (origin, checkpoint) = registry.viewOrigin(of: id) {
+            // A view's two exports share its sidecar: both go, the checkpoint stays pending.
+            closeView(of: origin, checkpoint: checkpoint)
+            return [:]
+        }
+        guard let live = registry.export(named: id), !id.isEmpty else {
+            throw QMPError(.genericError, "Export '\(id)' is not found")
+        }
+        for entry in live.openViews?.all ?? [] { closeView(of: live, checkpoint: entry.checkpoint) }
         guard let export = registry.remove(named: id) else {
             throw QMPError(.genericError, "Export '\(id)' is not found")
         }
@@ -244,6 +265,13 @@ extension ControlPlane {
         return [:]
     }
 
+    /// Closes a checkpoint's view, if open, and tells every client its exports are gone.
+    func closeView(of export: Export, checkpoint: String) {
+        for name in registry.closeView(of: export, checkpoint: checkpoint) {
+            emit("BLOCK_EXPORT_DELETED", ["id": .string(name)])
+        }
+    }
+
     // MARK: - Checkpoints
 
     func createCheckpoint(_ arguments: QMPArguments, session: UInt64) throws(QMPError) -> JSONValue {
@@ -251,28 +279,47 @@ extension ControlPlane {
         let export = try export(node)
         let bitmap = try arguments.string("bitmap")
         let existing = Set(export.tracker.names)
-        let name: String
-        if let requested = try arguments.optionalString("name") {
-            name = requested
-        } else {
-            var number = 1
-            while existing.contains("c\(number)") { number += 1 }
-            name = "c\(number)"
-        }
+        let name = try arguments.optionalString("name") ?? nextCheckpointName(for: node, existing: existing)
         // Every argument is checked before anything changes.
         let consume = try arguments.bool("consume", default: false)
         let timeout = try arguments.optionalUInt("timeout").map { TimeAmount.seconds(Int64(clamping: $0)) }
         let abortOnDisconnect = try arguments.bool("abort-on-disconnect", default: true)
-        try perform([(export, [.createCheckpoint(bitmap: bitmap, increment: name, consume: consume)])])
+        let withView = try arguments.bool("view", default: false)
+        let checkpoint: [(Export, [BitmapOperation])] = [
+            (export, [.createCheckpoint(bitmap: bitmap, increment: name, consume: consume)])
+        ]
+        var viewNames: [String] = []
+        if withView {
+            guard export.openViews != nil else {
+                throw QMPError(.genericError, "'\(node)' is a view; checkpoints are taken of live exports")
+            }
+            do {
+                viewNames = try registry.openView(of: export, checkpoint: name, on: timerLoop) { try perform(checkpoint) }
+                    .exportNames
+            } catch let error as QMPError {
+                throw error
+            } catch {
+                throw QMPError(.genericError, "\(error)")
+            }
+        } else {
+            try perform(checkpoint)
+        }
         recordOwner(
             CheckpointKey(node: node, name: name),
             CheckpointOwner(
                 session: session, abortOnDisconnect: abortOnDisconnect, timeout: timeout ?? defaultCheckpointTimeout))
         let count = export.tracker.query().first { $0.name == name }?.count ?? 0
-        emit(
-            "CHECKPOINT_CREATED",
-            ["node": .string(node), "name": .string(name), "bitmap": .string(bitmap), "consume": .bool(consume)])
-        return ["name": .string(name), "bitmap": .string(bitmap), "count": .int(Int64(count))]
+        var event: [String: JSONValue] = [
+            "node": .string(node), "name": .string(name), "bitmap": .string(bitmap), "consume": .bool(consume),
+        ]
+        var reply: [String: JSONValue] = ["name": .string(name), "bitmap": .string(bitmap), "count": .int(Int64(count))]
+        if viewNames.count == 2 {
+            event["view"] = .string(viewNames[0])
+            reply["view"] = .string(viewNames[0])
+            reply["changes-view"] = .string(viewNames[1])
+        }
+        emit("CHECKPOINT_CREATED", .object(event))
+        return .object(reply)
     }
 
     func finishCheckpoint(_ command: String, _ arguments: QMPArguments) throws(QMPError) -> JSONValue {
@@ -281,6 +328,7 @@ extension ControlPlane {
         let name = try arguments.string("name")
         let completing = command == "checkpoint-complete"
         try perform([(export, [completing ? .completeCheckpoint(increment: name) : .abortCheckpoint(increment: name)])])
+        closeView(of: export, checkpoint: name)
         forgetOwner(CheckpointKey(node: node, name: name))
         emit(
             completing ? "CHECKPOINT_COMPLETED" : "CHECKPOINT_ABORTED",

@@ -32,6 +32,9 @@ public final class ControlPlane: Sendable {
         var subscribers: [UInt64: @Sendable (JSONValue) -> Void] = [:]
         var owners: [CheckpointKey: CheckpointOwner] = [:]
         var nextSession: UInt64 = 1
+        /// Per export, the highest default checkpoint number handed out (c1, c2, …), so a
+        /// completed checkpoint's name is not reused while the server runs.
+        var lastCheckpointNumber: [String: Int] = [:]
     }
 
     public static let version = (major: 0, minor: 1, micro: 0)
@@ -52,7 +55,7 @@ public final class ControlPlane: Sendable {
     /// How long a checkpoint whose client disconnected stays pending before it is aborted.
     let defaultCheckpointTimeout: TimeAmount
     private let worker: NIOThreadPool
-    private let timerLoop: any EventLoop
+    let timerLoop: any EventLoop
     private let state = Mutex(State())
     private let quitHandler: @Sendable () -> Void
 
@@ -112,6 +115,7 @@ public final class ControlPlane: Sendable {
         guard stillOrphaned, let export = registry.export(named: key.node) else { return }
         do {
             try export.tracker.perform([.abortCheckpoint(increment: key.name)])
+            closeView(of: export, checkpoint: key.name)
             forgetOwner(key)
             logger.warning("checkpoint '\(key.name)' on '\(key.node)' aborted: its client disconnected")
             emit("CHECKPOINT_ABORTED", ["node": .string(key.node), "name": .string(key.name), "reason": "client-disconnected"])
@@ -122,6 +126,17 @@ public final class ControlPlane: Sendable {
 
     func recordOwner(_ key: CheckpointKey, _ owner: CheckpointOwner) {
         state.withLock { $0.owners[key] = owner }
+    }
+
+    /// The next default checkpoint name of an export: above every `cN` it has and every
+    /// one handed out before.
+    func nextCheckpointName(for export: String, existing: Set<String>) -> String {
+        state.withLock { state in
+            var number = (state.lastCheckpointNumber[export] ?? 0) + 1
+            while existing.contains("c\(number)") { number += 1 }
+            state.lastCheckpointNumber[export] = number
+            return "c\(number)"
+        }
     }
 
     func forgetOwner(_ key: CheckpointKey) {

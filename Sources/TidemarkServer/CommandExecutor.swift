@@ -52,9 +52,7 @@ struct CommandExecutor {
                 Self.saveBitmaps(tracker)
             }
         case .trim(let offset, let length, let fua):
-            let journal = Self.journal(export.tracker, offset: offset, length: UInt64(length))
-            return offload(cookie: cookie, command: .trim) { (image) throws(StorageError) in
-                try journal?()
+            return modify(cookie: cookie, command: .trim, offset: offset, length: UInt64(length)) { (image) throws(StorageError) in
                 do throws(StorageError) {
                     try image.discard(at: offset, length: UInt64(length))
                 } catch .notSupported {
@@ -67,9 +65,8 @@ struct CommandExecutor {
             NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
             return .written
         case .writeZeroes(let offset, let length, let noHole, let fastZero, let fua):
-            let journal = Self.journal(export.tracker, offset: offset, length: UInt64(length))
-            return offload(cookie: cookie, command: .writeZeroes) { (image) throws(StorageError) in
-                try journal?()
+            return modify(cookie: cookie, command: .writeZeroes, offset: offset, length: UInt64(length)) {
+                (image) throws(StorageError) in
                 try image.writeZeroes(at: offset, length: UInt64(length), allowHole: !noHole, fastOnly: fastZero)
                 if fua { try image.flush() }
             }
@@ -79,24 +76,65 @@ struct CommandExecutor {
         }
     }
 
-    // MARK: - Dirty tracking
+    // MARK: - Modifications
 
-    /// Marks the range in every recording bitmap now (on the event loop, before any byte
-    /// can reach the disk) and returns what must run on the pool before the data is
-    /// written: making the region journal durable, when the range enters a region not yet
-    /// journaled in this epoch; nil when nothing must.
-    private static func journal(
-        _ tracker: DirtyTracker, offset: UInt64, length: UInt64
-    ) -> (@Sendable () throws(StorageError) -> Void)? {
-        guard let regions = tracker.willModify(offset: offset, length: length) else { return nil }
-        return { () throws(StorageError) in
-            do {
-                try tracker.makeDurable(regions)
-            } catch {
-                // Writing without a durable journal could lose dirty bits in a crash.
-                throw StorageError.ioFailed(operation: "bitmap journal (\(error))", errno: EIO)
+    /// Everything a write, write-zeroes or trim must do before its data may change the
+    /// image, in order: it is marked in every recording bitmap now (on the event loop,
+    /// before any byte can reach the disk), then, off the loop, the region journal is made
+    /// durable and open views get the old data (copy-before-write).
+    private struct Preparation: Sendable {
+        let tracker: DirtyTracker
+        let modification: DirtyTracker.Modification
+        let views: [OpenViews.Entry]
+        let offset: UInt64
+        let length: UInt64
+
+        /// True when the data may be written at once, on the event loop.
+        var isEmpty: Bool { modification.journalRegions == nil && views.isEmpty }
+
+        /// Journal and copy-before-write. A failed copy breaks its view, not the write.
+        func run() throws(StorageError) {
+            if let regions = modification.journalRegions {
+                do {
+                    try tracker.makeDurable(regions)
+                } catch {
+                    // Writing without a durable journal could lose dirty bits in a crash.
+                    throw StorageError.ioFailed(operation: "bitmap journal (\(error))", errno: EIO)
+                }
             }
+            for entry in views { try? entry.view.preserve(offset: offset, length: length) }
         }
+
+        /// The modification is over (written or failed): checkpoints may stop waiting.
+        func finish() { tracker.didModify(modification) }
+    }
+
+    private func prepare(offset: UInt64, length: UInt64) -> Preparation {
+        let modification = export.tracker.willModify(offset: offset, length: length)
+        let views = export.openViews?.targets(offset: offset, length: length, epoch: modification.epoch) ?? []
+        return Preparation(
+            tracker: export.tracker, modification: modification, views: views, offset: offset, length: length)
+    }
+
+    /// Runs a modification on the I/O pool: preparation, then `work`. Writes of a
+    /// checkpoint's epoch first wait, without a thread, until its view is active.
+    private func modify(
+        cookie: UInt64, command: NBDCommandType, offset: UInt64, length: UInt64,
+        preparation: Preparation? = nil, _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
+    ) -> CommandResult {
+        let preparation = preparation ?? prepare(offset: offset, length: length)
+        let prepared: @Sendable (RawImage) throws(StorageError) -> Void = { (image) throws(StorageError) in
+            defer { preparation.finish() }
+            try preparation.run()
+            try work(image)
+        }
+        let waiting = preparation.views.filter { !$0.view.isActive }.map(\.activation)
+        guard !waiting.isEmpty else { return .pending(offloaded(cookie: cookie, command: command, prepared)) }
+        let eventLoop = self.eventLoop
+        return .pending(
+            EventLoopFuture.andAllComplete(waiting, on: eventLoop).flatMap {
+                self.offloaded(cookie: cookie, command: command, prepared)
+            })
     }
 
     /// Saves bitmap bits on FLUSH. A failed save does not fail the FLUSH: the data is
@@ -136,6 +174,12 @@ struct CommandExecutor {
     private func offload(
         cookie: UInt64, command: NBDCommandType, _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
     ) -> CommandResult {
+        .pending(offloaded(cookie: cookie, command: command, work))
+    }
+
+    private func offloaded(
+        cookie: UInt64, command: NBDCommandType, _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
+    ) -> EventLoopFuture<ByteBuffer> {
         let image = export.image
         let allocator = self.allocator
         let structured = session.structuredReplies
@@ -149,7 +193,7 @@ struct CommandExecutor {
             NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
             return buffer
         }
-        return .pending(future)
+        return future
     }
 
     // MARK: - Read
@@ -157,7 +201,17 @@ struct CommandExecutor {
     private func read(
         cookie: UInt64, offset: UInt64, length: UInt32, dontFragment: Bool, outbox: inout ByteBuffer
     ) -> CommandResult {
-        let image = export.image
+        switch export.content {
+        case .live:
+            return read(from: export.image, cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
+        case .view(let view, _, _):
+            return read(from: view, cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
+        }
+    }
+
+    private func read<Reader: ImageReader>(
+        from image: Reader, cookie: UInt64, offset: UInt64, length: UInt32, dontFragment: Bool, outbox: inout ByteBuffer
+    ) -> CommandResult {
         let plan = ReadPlan(
             cookie: cookie, offset: offset, length: length, structured: session.structuredReplies,
             holes: session.structuredReplies && !dontFragment && length >= Self.sparseReadThreshold
@@ -182,29 +236,27 @@ struct CommandExecutor {
     private func write(
         cookie: UInt64, offset: UInt64, payload: ByteBuffer, fua: Bool, outbox: inout ByteBuffer
     ) -> CommandResult {
-        if let journal = Self.journal(export.tracker, offset: offset, length: UInt64(payload.readableBytes)) {
-            return offload(cookie: cookie, command: .write) { (image) throws(StorageError) in
-                try journal()
-                try payload.withUnsafeReadableBytes { (bytes) throws(StorageError) in try image.write(bytes, at: offset) }
-                if fua { try image.flush() }
-            }
-        }
-        if !fua {
+        let length = UInt64(payload.readableBytes)
+        let preparation = prepare(offset: offset, length: length)
+        if preparation.isEmpty && !fua {
             let image = export.image
             let done = payload.withUnsafeReadableBytes { image.writeIfNonBlocking($0, at: offset) }
             if done == payload.readableBytes {
+                preparation.finish()
                 NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
                 return .written
             }
             let rest = payload.getSlice(at: payload.readerIndex + done, length: payload.readableBytes - done) ?? ByteBuffer()
             let restOffset = offset + UInt64(done)
-            return offload(cookie: cookie, command: .write) { (image) throws(StorageError) in
+            return modify(cookie: cookie, command: .write, offset: offset, length: length, preparation: preparation) {
+                (image) throws(StorageError) in
                 try rest.withUnsafeReadableBytes { (bytes) throws(StorageError) in try image.write(bytes, at: restOffset) }
             }
         }
-        return offload(cookie: cookie, command: .write) { (image) throws(StorageError) in
+        return modify(cookie: cookie, command: .write, offset: offset, length: length, preparation: preparation) {
+            (image) throws(StorageError) in
             try payload.withUnsafeReadableBytes { (bytes) throws(StorageError) in try image.write(bytes, at: offset) }
-            try image.flush()
+            if fua { try image.flush() }
         }
     }
 
@@ -231,10 +283,7 @@ struct CommandExecutor {
                 // A bitmap removed since SET reports "dirty", the safe answer.
                 builder.write(cookie: cookie, done: done, fallbackFlags: NBDDirtyFlags.dirty, into: &buffer)
             case Export.baseAllocation:
-                let extents = export.image.allocationExtents(
-                    at: offset, length: UInt64(length),
-                    maxExtents: requestOne ? 2 : Self.maximumAllocationExtents)
-                for extent in extents where builder.wantsMore {
+                for extent in allocation(offset: offset, length: length, requestOne: requestOne) where builder.wantsMore {
                     builder.append(
                         length: extent.length,
                         flags: extent.isHole ? NBDAllocationFlags.hole | NBDAllocationFlags.zero : 0)
@@ -245,6 +294,25 @@ struct CommandExecutor {
                 // safe answer for unknown contexts, "dirty"/"data" (bit 0 set).
                 builder.write(cookie: cookie, done: done, fallbackFlags: 1, into: &buffer)
             }
+        }
+    }
+
+    /// The export's `base:allocation`: the image's, the view's at its instant, or, for a
+    /// view's `.changes` variant, the increment (dirty granules as data, clean as holes).
+    private func allocation(offset: UInt64, length: UInt32, requestOne: Bool) -> [AllocationExtent] {
+        let maximum = requestOne ? 2 : Self.maximumAllocationExtents
+        switch export.content {
+        case .live:
+            return export.image.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+        case .view(let view, _, false):
+            return view.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+        case .view(_, let increment, true):
+            // An increment that vanished (completed meanwhile) reads as all data: safe.
+            let extents =
+                (try? export.tracker.extents(
+                    name: increment, offset: offset, length: UInt64(length), maximumExtents: maximum))
+                ?? [DirtyExtent(offset: offset, length: UInt64(length), dirty: true)]
+            return extents.map { AllocationExtent(length: $0.length, isHole: !$0.dirty) }
         }
     }
 }

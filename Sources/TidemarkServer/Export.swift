@@ -2,7 +2,7 @@ import BlockStorage
 import DirtyTracking
 import NBDProtocol
 
-/// One named image served to clients.
+/// One named image served to clients: a live image, or a point-in-time view of one.
 ///
 /// Shared by every connection to it (one file descriptor, one page cache), which is what
 /// makes `CAN_MULTI_CONN` honest: a FLUSH on any connection covers writes from all.
@@ -12,13 +12,26 @@ public final class Export: Sendable {
     /// Prefix of the context that exposes a bitmap, as qemu-nbd names it.
     public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
 
+    /// What the export's reads show.
+    public enum Content: Sendable {
+        /// The image as it is now; its writes preserve old data into the open views.
+        case live(OpenViews)
+        /// The image at a checkpoint's instant, carrying the checkpoint's increment.
+        /// With `changesOnly`, `base:allocation` reports the granules clean in the
+        /// increment as zero holes and the dirty ones as data, so a copying tool that skips
+        /// zeroes (`nbdcopy --destination-is-zero`) reads exactly the increment.
+        case view(PointInTimeView, increment: String, changesOnly: Bool)
+    }
+
     public let name: String
     public let description: String
     public let image: RawImage
     public let isReadOnly: Bool
-    /// The export's named bitmaps; every write on every connection is recorded here.
+    /// The image's named bitmaps; every write on every connection is recorded here.
     public let tracker: DirtyTracker
+    public let content: Content
 
+    /// A live export.
     /// - Parameter tracker: the image's bitmaps; a fresh in-memory tracker by default.
     public init(name: String, description: String, image: RawImage, readOnly: Bool, tracker: DirtyTracker? = nil) {
         self.name = name
@@ -26,6 +39,34 @@ public final class Export: Sendable {
         self.image = image
         self.isReadOnly = readOnly || image.isReadOnly
         self.tracker = tracker ?? DirtyTracker(size: image.size)
+        self.content = .live(OpenViews())
+    }
+
+    /// A read-only view export of `live` at checkpoint `increment`.
+    public init(name: String, viewOf live: Export, view: PointInTimeView, increment: String, changesOnly: Bool) {
+        self.name = name
+        self.description =
+            changesOnly
+            ? "changes of '\(live.name)' in checkpoint \(increment)" : "'\(live.name)' at checkpoint \(increment)"
+        self.image = live.image
+        self.isReadOnly = true
+        self.tracker = live.tracker
+        self.content = .view(view, increment: increment, changesOnly: changesOnly)
+    }
+
+    /// The views open on a live export (nil for a view).
+    public var openViews: OpenViews? {
+        if case .live(let views) = content { return views }
+        return nil
+    }
+
+    /// The bitmaps offered as `qemu:dirty-bitmap:` contexts: all of a live export's, only
+    /// the increment of a view.
+    public var offeredBitmaps: [String] {
+        switch content {
+        case .live: return tracker.names
+        case .view(_, let increment, _): return [increment]
+        }
     }
 
     /// The export as the handshake sees it.
@@ -36,7 +77,7 @@ public final class Export: Sendable {
             size: image.size,
             isReadOnly: isReadOnly,
             minimumBlockSize: image.size % 512 == 0 ? 512 : 1,
-            metaContexts: [Self.baseAllocation] + tracker.names.map { Self.dirtyBitmapPrefix + $0 }
+            metaContexts: [Self.baseAllocation] + offeredBitmaps.map { Self.dirtyBitmapPrefix + $0 }
         )
     }
 }

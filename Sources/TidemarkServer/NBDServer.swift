@@ -73,7 +73,7 @@ public final class NBDServer: Sendable {
             initialDelay: Self.bitmapSaveInterval, delay: Self.bitmapSaveInterval
         ) { _ in
             pool.submit { _ in
-                for export in registry.all {
+                for export in registry.all where export.openViews != nil {
                     do {
                         try export.tracker.saveIfNeeded()
                     } catch {
@@ -170,6 +170,9 @@ public final class NBDServer: Sendable {
             task?.cancel()
             task = nil
         }
+        // Views end with the server (their checkpoints stay pending); then live exports
+        // are flushed and their bitmaps saved.
+        for export in registry.all { registry.closeAllViews(of: export) }
         for export in registry.all {
             do {
                 if !export.isReadOnly { try export.image.flush() }

@@ -19,7 +19,7 @@ struct ReadPlan: Sendable {
     /// - Parameter blocking: false to read only what the page cache holds.
     /// - Returns: false when a non-blocking read would have blocked; `buffer` is then as
     ///   it was, and the caller runs the plan again with `blocking: true` off the loop.
-    func encode(into buffer: inout ByteBuffer, image: RawImage, blocking: Bool) -> Bool {
+    func encode(into buffer: inout ByteBuffer, image: some ImageReader, blocking: Bool) -> Bool {
         let start = buffer.writerIndex
         if length == 0 {
             if structured {
@@ -67,7 +67,7 @@ struct ReadPlan: Sendable {
     }
 
     private func readData(
-        into buffer: inout ByteBuffer, count: Int, at position: UInt64, image: RawImage, blocking: Bool
+        into buffer: inout ByteBuffer, count: Int, at position: UInt64, image: some ImageReader, blocking: Bool
     ) -> ReadOutcome {
         var outcome = ReadOutcome.success
         buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
@@ -92,7 +92,7 @@ struct ReadPlan: Sendable {
 
     /// OFFSET_DATA chunks for data and OFFSET_HOLE chunks for holes, DONE on the last.
     private func encodeSparse(
-        _ extents: [AllocationExtent], into buffer: inout ByteBuffer, image: RawImage, blocking: Bool
+        _ extents: [AllocationExtent], into buffer: inout ByteBuffer, image: some ImageReader, blocking: Bool
     ) -> ReadOutcome {
         buffer.reserveCapacity(minimumWritableBytes: replyCapacity)
         var position = offset

@@ -4,6 +4,7 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
     case noExports
     case bindFailed(address: String, reason: String)
     case socketActivation(String)
+    case invalidView(String)
 
     public var description: String {
         switch self {
@@ -11,6 +12,7 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
         case .noExports: return "no exports configured"
         case .bindFailed(let address, let reason): return "cannot listen on \(address): \(reason)"
         case .socketActivation(let reason): return "socket activation failed: \(reason)"
+        case .invalidView(let reason): return "cannot open the view: \(reason)"
         }
     }
 }

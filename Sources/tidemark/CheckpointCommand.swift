@@ -10,7 +10,8 @@ struct CheckpointCommand: ParsableCommand {
         discussion: """
             create: the bitmap's content becomes increment NAME (exported as \
             qemu:dirty-bitmap:NAME) and the bitmap keeps recording from empty, or stops with \
-            --consume. complete: the backup succeeded, the increment is released. abort: the \
+            --consume; with --view, the image as it is at that instant is exported read-only \
+            as EXPORT@NAME while writers go on. complete: the backup succeeded, the increment is released. abort: the \
             backup failed, the increment is merged back so no change is lost.
             """,
         subcommands: [Create.self, Complete.self, Abort.self]
@@ -34,6 +35,11 @@ struct CheckpointCommand: ParsableCommand {
         @Option(help: "The bitmap to checkpoint.") var bitmap: String
         @Option(help: "Name of the checkpoint and its increment (default: c1, c2, …).") var name: String?
         @Flag(help: "End tracking instead of restarting it from empty.") var consume = false
+        @Flag(
+            help: ArgumentHelp(
+                "Open a point-in-time view: read-only exports EXPORT@NAME (the image at the checkpoint) and EXPORT@NAME.changes (its base:allocation is the increment).",
+                discussion: "The view closes when the checkpoint completes or aborts."))
+        var view = false
 
         func run() throws {
             var arguments: [String: JSONValue] = [
@@ -42,11 +48,17 @@ struct CheckpointCommand: ParsableCommand {
                 "abort-on-disconnect": false,
             ]
             if let name { arguments["name"] = .string(name) }
+            if view { arguments["view"] = true }
             let reply = try connection.execute("checkpoint-create", arguments)
             if connection.json {
                 print(reply.serialized())
             } else if case .string(let created)? = reply["name"] {
-                print(created)
+                // One line: the checkpoint, then its view exports when one was opened.
+                let views = ["view", "changes-view"].compactMap { key -> String? in
+                    if case .string(let name)? = reply[key] { return name }
+                    return nil
+                }
+                print(([created] + views).joined(separator: "\t"))
             }
         }
     }

@@ -28,7 +28,7 @@ struct DirtyTrackerTests {
             BitmapInfo(name: "fine", count: 0, granularity: 4096, recording: true, busy: false, persistent: false, generation: 0),
             BitmapInfo(name: "off", count: 0, granularity: 1 << 20, recording: false, busy: false, persistent: false, generation: 0),
         ])
-        _ = tracker.willModify(offset: 1 << 20, length: 512)
+        try tracker.recordModification(offset: 1 << 20, length: 512)
         #expect(tracker.query().map(\.count) == [65536, 4096, 0], "count is in whole granules")
     }
 
@@ -36,7 +36,7 @@ struct DirtyTrackerTests {
     func duplicateName() throws {
         let tracker = DirtyTracker(size: Self.size)
         try tracker.add(name: "b0", persistent: false)
-        _ = tracker.willModify(offset: 0, length: 1)
+        try tracker.recordModification(offset: 0, length: 1)
         #expect(throws: BitmapError.duplicateName("b0")) {
             try tracker.add(name: "b0", granularity: 4096, persistent: false)
         }
@@ -58,7 +58,7 @@ struct DirtyTrackerTests {
         let tracker = DirtyTracker(size: Self.size)
         try tracker.add(name: "min", granularity: 512, persistent: false)
         try tracker.add(name: "max", granularity: 1 << 31, persistent: false)
-        _ = tracker.willModify(offset: 5000, length: 1)
+        try tracker.recordModification(offset: 5000, length: 1)
         #expect(try dirtyRuns(tracker, "min") == [ByteRun(4608, 512)])
         #expect(try dirtyRuns(tracker, "max") == [ByteRun(0, Self.size)])
     }
@@ -118,7 +118,7 @@ struct DirtyTrackerTests {
         let tracker = DirtyTracker(size: Self.size)
         try tracker.add(name: "a", persistent: false)
         try tracker.add(name: "b", persistent: false)
-        _ = tracker.willModify(offset: 0, length: 4096)
+        try tracker.recordModification(offset: 0, length: 4096)
         try tracker.remove(name: "a")
         #expect(tracker.names == ["b"])
         #expect(throws: BitmapError.notFound("a")) { try tracker.remove(name: "a") }
@@ -133,13 +133,13 @@ struct DirtyTrackerTests {
         let tracker = DirtyTracker(size: Self.size)
         try tracker.add(name: "a", persistent: false)
         try tracker.add(name: "b", persistent: false)
-        _ = tracker.willModify(offset: 1 << 20, length: 200_000)
+        try tracker.recordModification(offset: 1 << 20, length: 200_000)
         try tracker.clear(name: "a")
         #expect(try dirtyRuns(tracker, "a").isEmpty)
         #expect(tracker.query().map(\.count) == [0, 4 * 65536])
         #expect(try dirtyRuns(tracker, "b") == [ByteRun(1 << 20, 4 * 65536)])
         // Still recording after the clear.
-        _ = tracker.willModify(offset: 0, length: 1)
+        try tracker.recordModification(offset: 0, length: 1)
         #expect(try dirtyRuns(tracker, "a") == [ByteRun(0, 65536)])
     }
 
@@ -150,28 +150,35 @@ struct DirtyTrackerTests {
         try tracker.add(name: "off", persistent: false)
         try tracker.setRecording(name: "off", false)
         #expect(tracker.query().map(\.recording) == [true, false])
-        _ = tracker.willModify(offset: 0, length: 4096)
+        try tracker.recordModification(offset: 0, length: 4096)
         #expect(try dirtyRuns(tracker, "on") == [ByteRun(0, 65536)])
         #expect(try dirtyRuns(tracker, "off").isEmpty)
         try tracker.setRecording(name: "off", true)
         #expect(tracker.query().map(\.recording) == [true, true])
-        _ = tracker.willModify(offset: 2 << 20, length: 4096)
+        try tracker.recordModification(offset: 2 << 20, length: 4096)
         #expect(try dirtyRuns(tracker, "off") == [ByteRun(2 << 20, 65536)])
         // A bitmap created disabled does not record either.
         try tracker.add(name: "created-off", persistent: false, recording: false)
-        _ = tracker.willModify(offset: 3 << 20, length: 4096)
+        try tracker.recordModification(offset: 3 << 20, length: 4096)
         #expect(try dirtyRuns(tracker, "created-off").isEmpty)
+    }
+
+    /// Marks a write and finishes it at once, returning the journal work it asked for.
+    static func journalWork(_ tracker: DirtyTracker, _ offset: UInt64, _ length: UInt64) -> ClosedRange<Int>? {
+        let modification = tracker.willModify(offset: offset, length: length)
+        tracker.didModify(modification)
+        return modification.journalRegions
     }
 
     @Test("willModify marks every recording bitmap at its own granularity, and returns no journal work in memory")
     func willModifyMarksRecordingOnly() throws {
         let tracker = DirtyTracker(size: Self.size)
-        #expect(tracker.willModify(offset: 0, length: 4096) == nil, "no bitmaps: nothing to do")
+        #expect(Self.journalWork(tracker, 0, 4096) == nil, "no bitmaps: nothing to do")
         try tracker.add(name: "coarse", granularity: 1 << 20, persistent: false)
         try tracker.add(name: "fine", granularity: 512, persistent: false)
         try tracker.add(name: "paused", persistent: false, recording: false)
-        #expect(tracker.willModify(offset: 3 * 65536 + 100, length: 1000) == nil)
-        #expect(tracker.willModify(offset: 5 << 20, length: 0) == nil)
+        #expect(Self.journalWork(tracker, 3 * 65536 + 100, 1000) == nil)
+        #expect(Self.journalWork(tracker, 5 << 20, 0) == nil)
         #expect(try dirtyRuns(tracker, "coarse") == [ByteRun(0, 1 << 20)])
         #expect(try dirtyRuns(tracker, "fine") == [ByteRun(3 * 65536, 1536)])
         #expect(try dirtyRuns(tracker, "paused").isEmpty)
@@ -187,10 +194,10 @@ struct DirtyTrackerTests {
         try tracker.add(name: "coarse", granularity: 1 << 20, persistent: false, recording: false)
         try tracker.setRecording(name: "target", false)
         try tracker.setRecording(name: "fine", true)
-        _ = tracker.willModify(offset: 100 * 1024, length: 4096)  // fine: [100K, 104K)
+        try tracker.recordModification(offset: 100 * 1024, length: 4096)  // fine: [100K, 104K)
         try tracker.setRecording(name: "fine", false)
         try tracker.setRecording(name: "coarse", true)
-        _ = tracker.willModify(offset: (5 << 20) + 7, length: 1)  // coarse: [5M, 6M)
+        try tracker.recordModification(offset: (5 << 20) + 7, length: 1)  // coarse: [5M, 6M)
         try tracker.merge(target: "target", sources: ["fine", "coarse"])
         #expect(try dirtyRuns(tracker, "target") == [ByteRun(65536, 65536), ByteRun(5 << 20, 1 << 20)])
         // Cumulative: merging again, or the target into itself, changes nothing.
@@ -208,10 +215,10 @@ struct DirtyTrackerTests {
         let tracker = DirtyTracker(size: Self.size)
         try tracker.add(name: "target", persistent: false)
         try tracker.add(name: "source", persistent: false, recording: false)
-        _ = tracker.willModify(offset: 0, length: 1)
+        try tracker.recordModification(offset: 0, length: 1)
         try tracker.setRecording(name: "target", false)
         try tracker.setRecording(name: "source", true)
-        _ = tracker.willModify(offset: 8 << 20, length: 1)
+        try tracker.recordModification(offset: 8 << 20, length: 1)
         #expect(throws: BitmapError.notFound("missing")) {
             try tracker.merge(target: "target", sources: ["source", "missing"])
         }
@@ -225,7 +232,7 @@ struct DirtyTrackerTests {
     func extentsWindow() throws {
         let tracker = DirtyTracker(size: 1 << 20)
         try tracker.add(name: "b", persistent: false)
-        for granule: UInt64 in [1, 3, 5, 15] { _ = tracker.willModify(offset: granule * 65536, length: 1) }
+        for granule: UInt64 in [1, 3, 5, 15] { try tracker.recordModification(offset: granule * 65536, length: 1) }
         let all = try tracker.extents(name: "b", offset: 0, length: 1 << 20, maximumExtents: 100)
         #expect(all == [
             DirtyExtent(offset: 0, length: 65536, dirty: false),
@@ -256,7 +263,7 @@ struct DirtyTrackerTests {
     func extentsLimit() throws {
         let tracker = DirtyTracker(size: 1 << 20)
         try tracker.add(name: "b", persistent: false)
-        for granule: UInt64 in [1, 3, 5] { _ = tracker.willModify(offset: granule * 65536, length: 1) }
+        for granule: UInt64 in [1, 3, 5] { try tracker.recordModification(offset: granule * 65536, length: 1) }
         let three = try tracker.extents(name: "b", offset: 0, length: 1 << 20, maximumExtents: 3)
         #expect(three.map(\.offset) == [0, 65536, 2 * 65536])
         #expect(three.map(\.dirty) == [false, true, false])

@@ -45,9 +45,7 @@ struct PersistenceTests {
 
     /// Records a write the way the server does: mark, then make the journal durable.
     static func write(_ tracker: DirtyTracker, _ offset: UInt64, _ length: UInt64) throws {
-        if let regions = tracker.willModify(offset: offset, length: length) {
-            try tracker.makeDurable(regions)
-        }
+        try tracker.recordModification(offset: offset, length: length)
     }
 
     static func dirtyRuns(_ tracker: DirtyTracker, _ name: String) throws -> [ByteRun] {
@@ -243,12 +241,15 @@ struct PersistenceTests {
             try tracker.save()
             // Journaled only (no save afterwards): regions 0, 2, 3 and 15.
             for (offset, length) in [(UInt64(12345), UInt64(100)), (3 * Self.region - 4096, 8192), (size - 1, 1)] {
-                let regions = tracker.willModify(offset: offset, length: length)
-                #expect(regions != nil, "first write into a region of this epoch must journal it")
-                if let regions { try tracker.makeDurable(regions) }
+                let modification = tracker.willModify(offset: offset, length: length)
+                defer { tracker.didModify(modification) }
+                #expect(modification.journalRegions != nil, "first write into a region of this epoch must journal it")
+                if let regions = modification.journalRegions { try tracker.makeDurable(regions) }
             }
             // A second write into a journaled region needs no journal work.
-            #expect(tracker.willModify(offset: 2 * Self.region + 4096, length: 512) == nil)
+            let second = tracker.willModify(offset: 2 * Self.region + 4096, length: 512)
+            tracker.didModify(second)
+            #expect(second.journalRegions == nil)
             // Dropped here without a clean save, as SIGKILL would.
         }
         #expect(try fixture.manifest()["cleanShutdown"] as? Bool == false)

@@ -1,0 +1,355 @@
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An image exactly as it was at one instant, while writers go on changing it.
+///
+/// Copy-before-write: before the first change to a granule since the instant, the writer
+/// calls `preserve`, which copies the granule's old content into a sparse sidecar file at
+/// the same offset (holes stay holes, so the sidecar grows only with overwritten data).
+/// Reads take preserved granules from the sidecar and the rest from the image.
+///
+/// Readers never block writers: a read of a granule not yet preserved reads the image,
+/// then checks that nobody claimed the granule meanwhile (a writer claims before it
+/// copies, and writes only after the copy), and re-reads it from the sidecar otherwise.
+public final class PointInTimeView: Sendable {
+    /// Copy-before-write unit: 2 bits of bookkeeping per granule, one copy per granule.
+    public static let defaultGranularity: UInt64 = 64 * 1024
+    /// Largest buffer one copy uses, so preserving a huge trim stays bounded in memory.
+    static let copyChunk = 1 << 20
+
+    struct State {
+        /// Granules a writer has started copying (or finished).
+        var claimed: GranuleSet
+        /// Granules whose old content is in the sidecar.
+        var preserved: GranuleSet
+        var preservedCount = 0
+        /// Copies in progress, so closing waits for them before deleting the sidecar.
+        var copying = 0
+        var active = false
+        var closed = false
+        var failure: StorageError?
+    }
+
+    /// The live image the view was taken of.
+    public let image: RawImage
+    public let granularity: UInt64
+    /// The sidecar file; nil for a read-only image, which nothing here can change.
+    public let sidecarPath: String?
+    private let sidecar: RawImage?
+    private let state: Mutex<State>
+
+    public var size: UInt64 { image.size }
+
+    /// Creates the view and its empty sidecar (replacing a stale file at `sidecarPath`).
+    /// The view preserves nothing and serves nothing useful until `activate()`: the caller
+    /// first lets writes from before the instant land.
+    public init(image: RawImage, sidecarPath: String?, granularity: UInt64 = defaultGranularity) throws(StorageError) {
+        precondition(granularity > 0 && granularity & (granularity - 1) == 0, "granularity must be a power of two")
+        self.image = image
+        self.granularity = granularity
+        if image.isReadOnly {
+            self.sidecarPath = nil
+            self.sidecar = nil
+        } else {
+            guard let sidecarPath else {
+                throw .viewUnavailable(reason: "a writable image needs a sidecar file for its views")
+            }
+            unlink(sidecarPath)
+            try RawImage.createSparseFileIfMissing(path: sidecarPath, size: image.size)
+            self.sidecarPath = sidecarPath
+            self.sidecar = try RawImage(path: sidecarPath, readOnly: false)
+        }
+        let granules = Int((max(image.size, 1) + granularity - 1) / granularity)
+        self.state = Mutex(State(claimed: GranuleSet(count: granules), preserved: GranuleSet(count: granules)))
+    }
+
+    deinit {
+        if let sidecarPath { unlink(sidecarPath) }
+    }
+
+    // MARK: - Lifecycle
+
+    /// The instant is now: writes from here on must `preserve` first.
+    public func activate() {
+        state.withLock { $0.active = true }
+    }
+
+    public var isActive: Bool { state.withLock { $0.active } }
+
+    /// Ends the view: later reads fail, copies stop, and the sidecar's space is returned
+    /// and the file deleted once copies in progress finish.
+    public func close() {
+        state.withLock { $0.closed = true }
+        while state.withLock({ $0.copying > 0 }) { usleep(50) }
+        guard let sidecar, let sidecarPath else { return }
+        try? sidecar.discard(at: 0, length: sidecar.size)
+        unlink(sidecarPath)
+    }
+
+    public var isClosed: Bool { state.withLock { $0.closed } }
+
+    /// Why the view cannot serve reads, if it cannot.
+    public var failure: StorageError? {
+        state.withLock { state in
+            state.closed ? .viewUnavailable(reason: "it was closed") : state.failure
+        }
+    }
+
+    /// Bytes of the image preserved so far (whole granules, holes included).
+    public var preservedBytes: UInt64 { state.withLock { UInt64($0.preservedCount) } * granularity }
+
+    /// Bytes the sidecar occupies on disk.
+    public var sidecarAllocatedBytes: UInt64 { sidecar?.allocatedBytes ?? 0 }
+
+    // MARK: - Copy-before-write
+
+    private func granules(offset: UInt64, length: UInt64) -> ClosedRange<Int>? {
+        let (sum, overflow) = offset.addingReportingOverflow(length)
+        let end = overflow ? size : min(sum, size)
+        guard length > 0, offset < end else { return nil }
+        return Int(offset / granularity)...Int((end - 1) / granularity)
+    }
+
+    /// True when a write to the range must call `preserve` first (cheap; no I/O).
+    public func needsPreservation(offset: UInt64, length: UInt64) -> Bool {
+        guard sidecar != nil, let range = granules(offset: offset, length: length) else { return false }
+        return state.withLock { state in
+            !state.closed && state.failure == nil && !state.preserved.containsAll(range)
+        }
+    }
+
+    /// Copies the old content of every granule of the range not yet preserved into the
+    /// sidecar, and waits for copies other writers started. Blocking: call off the event
+    /// loop, after `activate()`. A failed copy breaks the view, not the write: the error
+    /// is kept for the view's readers and thrown, and the caller goes on writing.
+    public func preserve(offset: UInt64, length: UInt64) throws(StorageError) {
+        guard let sidecar, let range = granules(offset: offset, length: length) else { return }
+        let (runs, othersCopying) = state.withLock { state -> ([ClosedRange<Int>], Bool) in
+            guard state.active, !state.closed, state.failure == nil else { return ([], false) }
+            var runs: [ClosedRange<Int>] = []
+            var othersCopying = false
+            for index in range {
+                if !state.claimed.contains(index) {
+                    state.claimed.insert(index)
+                    if let last = runs.last, last.upperBound == index - 1 {
+                        runs[runs.count - 1] = last.lowerBound...index
+                    } else {
+                        runs.append(index...index)
+                    }
+                } else if !state.preserved.contains(index) {
+                    othersCopying = true
+                }
+            }
+            if !runs.isEmpty { state.copying += 1 }
+            return (runs, othersCopying)
+        }
+        if !runs.isEmpty {
+            do throws(StorageError) {
+                try copy(runs, into: sidecar)
+            } catch {
+                state.withLock { state in
+                    state.failure = state.failure ?? .viewUnavailable(reason: "copy-before-write failed: \(error)")
+                    state.copying -= 1
+                }
+                throw error
+            }
+            state.withLock { state in
+                for run in runs {
+                    for index in run { state.preserved.insert(index) }
+                    state.preservedCount += run.count
+                }
+                state.copying -= 1
+            }
+        }
+        if othersCopying { waitUntilPreserved(range) }
+    }
+
+    /// Copies the data runs of the granules (holes stay holes in the sidecar).
+    private func copy(_ runs: [ClosedRange<Int>], into sidecar: RawImage) throws(StorageError) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        for run in runs {
+            let start = UInt64(run.lowerBound) * granularity
+            let end = min(UInt64(run.upperBound + 1) * granularity, size)
+            var position = start
+            while position < end {
+                let extents = image.allocationExtents(at: position, length: end - position, maxExtents: 1024)
+                guard !extents.isEmpty else { break }
+                for extent in extents {
+                    if !extent.isHole {
+                        var done: UInt64 = 0
+                        while done < extent.length {
+                            let count = Int(min(UInt64(Self.copyChunk), extent.length - done))
+                            let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count])
+                            try image.read(into: chunk, at: position + done)
+                            try sidecar.write(UnsafeRawBufferPointer(chunk), at: position + done)
+                            done += UInt64(count)
+                        }
+                    }
+                    position += extent.length
+                }
+            }
+        }
+    }
+
+    /// Waits for granules other writers are copying (copies take microseconds to
+    /// milliseconds; a closed or broken view stops the wait).
+    private func waitUntilPreserved(_ range: ClosedRange<Int>) {
+        while true {
+            let done = state.withLock { state in
+                state.closed || state.failure != nil || state.preserved.containsAll(range)
+            }
+            if done { return }
+            usleep(20)
+        }
+    }
+
+    // MARK: - Reads
+
+    /// Where one granule's content at the instant is now.
+    private enum Location {
+        case image
+        case sidecar
+        /// A writer is copying it: wait, then read the sidecar.
+        case copying
+    }
+
+    private func location(of index: Int, in state: State) -> Location {
+        if state.preserved.contains(index) { return .sidecar }
+        return state.claimed.contains(index) ? .copying : .image
+    }
+
+    /// Reads, blocking if needed; a closed or broken view throws `.viewUnavailable`.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        _ = try read(into: buffer, at: offset, blocking: true)
+    }
+
+    /// Reads only from the page cache; false when that would block or must wait for a copy.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        (try? read(into: buffer, at: offset, blocking: false)) ?? false
+    }
+
+    private func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, blocking: Bool) throws(StorageError) -> Bool {
+        guard buffer.count > 0 else { return true }
+        let (sum, overflow) = offset.addingReportingOverflow(UInt64(buffer.count))
+        guard !overflow, sum <= size else { throw .outOfRange(offset: offset, length: UInt64(buffer.count), size: size) }
+        var position = offset
+        while position < sum {
+            let first = Int(position / granularity)
+            // One run of granules in the same place.
+            let (location, runEnd) = try state.withLock { (state: inout State) throws(StorageError) -> (Location, UInt64) in
+                if let failure = state.closed ? .viewUnavailable(reason: "it was closed") : state.failure { throw failure }
+                let here = self.location(of: first, in: state)
+                var next = first + 1
+                while UInt64(next) * granularity < sum && self.location(of: next, in: state) == here { next += 1 }
+                return (here, min(UInt64(next) * granularity, sum))
+            }
+            let slice = UnsafeMutableRawBufferPointer(
+                rebasing: buffer[Int(position - offset)..<Int(runEnd - offset)])
+            switch location {
+            case .sidecar:
+                guard try readPart(slice, at: position, from: sidecar ?? image, blocking: blocking) else { return false }
+            case .copying:
+                guard blocking else { return false }
+                waitUntilPreserved(first...Int((runEnd - 1) / granularity))
+                continue
+            case .image:
+                guard try readPart(slice, at: position, from: image, blocking: blocking) else { return false }
+                // A writer that claimed a granule meanwhile may have changed it: take it
+                // from the sidecar instead.
+                let last = Int((runEnd - 1) / granularity)
+                let raced = state.withLock { state in (first...last).filter { state.claimed.contains($0) } }
+                for index in raced {
+                    let start = max(UInt64(index) * granularity, position)
+                    let end = min(UInt64(index + 1) * granularity, runEnd)
+                    if blocking {
+                        waitUntilPreserved(index...index)
+                    } else if !state.withLock({ $0.preserved.contains(index) }) {
+                        return false
+                    }
+                    let part = UnsafeMutableRawBufferPointer(
+                        rebasing: buffer[Int(start - offset)..<Int(end - offset)])
+                    guard try readPart(part, at: start, from: sidecar ?? image, blocking: blocking) else { return false }
+                }
+            }
+            position = runEnd
+        }
+        // A view that broke during the read may have handed out changed data.
+        if let failure = self.failure { throw failure }
+        return true
+    }
+
+    private func readPart(
+        _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, from file: RawImage, blocking: Bool
+    ) throws(StorageError) -> Bool {
+        if blocking {
+            try file.read(into: buffer, at: offset)
+            return true
+        }
+        return file.readIfCached(into: buffer, at: offset)
+    }
+
+    /// Starts reading a range of the live image into the page cache (advisory).
+    public func prefetch(at offset: UInt64, length: UInt64) {
+        image.prefetch(at: offset, length: length)
+    }
+
+    // MARK: - Allocation
+
+    /// The allocation as it was at the instant: preserved granules from the sidecar (holes
+    /// copied as holes), the rest from the image. Granules a writer claims during the
+    /// lookup, and everything once the view is broken, are reported as data: the safe
+    /// answer, since reading them returns the right bytes.
+    public func allocationExtents(at offset: UInt64, length: UInt64, maxExtents: Int) -> [AllocationExtent] {
+        let (sum, overflow) = offset.addingReportingOverflow(length)
+        let end = overflow ? size : min(sum, size)
+        guard offset < end, maxExtents > 0 else { return [] }
+        var result: [AllocationExtent] = []
+        func append(_ length: UInt64, hole: Bool) {
+            guard length > 0 else { return }
+            if let last = result.last, last.isHole == hole {
+                result[result.count - 1].length += length
+            } else {
+                result.append(AllocationExtent(length: length, isHole: hole))
+            }
+        }
+        var position = offset
+        while position < end && result.count < maxExtents {
+            let first = Int(position / granularity)
+            let (location, runEnd, broken) = state.withLock { state -> (Location, UInt64, Bool) in
+                let here = self.location(of: first, in: state)
+                var next = first + 1
+                while UInt64(next) * granularity < end && self.location(of: next, in: state) == here { next += 1 }
+                return (here, min(UInt64(next) * granularity, end), state.closed || state.failure != nil)
+            }
+            if broken || location == .copying {
+                append(runEnd - position, hole: false)
+            } else {
+                let file = location == .sidecar ? (sidecar ?? image) : image
+                let extents = file.allocationExtents(at: position, length: runEnd - position, maxExtents: maxExtents)
+                let last = Int((runEnd - 1) / granularity)
+                let raced = location == .image && state.withLock { state in
+                    (first...last).contains { state.claimed.contains($0) }
+                }
+                if raced {
+                    append(runEnd - position, hole: false)
+                } else {
+                    var covered: UInt64 = 0
+                    for extent in extents {
+                        append(extent.length, hole: extent.isHole)
+                        covered += extent.length
+                    }
+                    // A capped lookup: the rest of the run is reported on the next call.
+                    if covered < runEnd - position { return Array(result.prefix(maxExtents)) }
+                }
+            }
+            position = runEnd
+        }
+        return Array(result.prefix(maxExtents))
+    }
+}
+
+extension PointInTimeView: ImageReader {}
