@@ -24,7 +24,7 @@ final class TemporaryDirectory {
     }
 }
 
-private let mib = 1 << 20
+let mib = 1 << 20
 
 /// Reads a file through the kernel, not through RawImage.
 private func fileBytes(_ path: String, offset: Int, count: Int) throws -> [UInt8] {
@@ -34,7 +34,7 @@ private func fileBytes(_ path: String, offset: Int, count: Int) throws -> [UInt8
     return [UInt8](try handle.read(upToCount: count) ?? Data())
 }
 
-private func writeFile(_ path: String, _ bytes: [UInt8], at offset: Int = 0) throws {
+func writeFile(_ path: String, _ bytes: [UInt8], at offset: Int = 0) throws {
     let fd = open(path, O_WRONLY | O_CREAT, 0o644)
     guard fd >= 0 else { throw POSIXError(.EIO) }
     defer { close(fd) }
@@ -49,11 +49,11 @@ private func allocatedBlocks(_ path: String) throws -> Int {
     return Int(info.st_blocks)
 }
 
-private func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) | 1 }
 }
 
-extension RawImage {
+extension ImageReader {
     func readBytes(_ count: Int, at offset: UInt64, prefill: UInt8 = 0xCC) throws -> [UInt8] {
         var bytes = [UInt8](repeating: prefill, count: count)
         var failure: StorageError?
@@ -63,7 +63,9 @@ extension RawImage {
         if let failure { throw failure }
         return bytes
     }
+}
 
+extension RawImage {
     func write(_ bytes: [UInt8], at offset: UInt64) throws {
         var failure: StorageError?
         bytes.withUnsafeBytes { buffer in

@@ -1,4 +1,6 @@
 import DirtyTracking
+import Foundation
+import Synchronization
 import Testing
 
 /// `DirtyTracker` without persistence: QEMU's management operations and their errors.
@@ -161,6 +163,41 @@ struct DirtyTrackerTests {
         try tracker.add(name: "created-off", persistent: false, recording: false)
         try tracker.recordModification(offset: 3 << 20, length: 4096)
         #expect(try dirtyRuns(tracker, "created-off").isEmpty)
+    }
+
+    @Test("a checkpoint waits for writes marked before it to finish, not for writes after it")
+    func operationsDrainEarlierWrites() throws {
+        let tracker = DirtyTracker(size: Self.size)
+        try tracker.add(name: "b0", persistent: false)
+        let before = tracker.willModify(offset: 0, length: 4096)
+        let checkpointDone = Atomic<Bool>(false)
+        let thread = Thread {
+            try? tracker.perform([.createCheckpoint(bitmap: "b0", increment: "c1", consume: false)])
+            checkpointDone.store(true, ordering: .sequentiallyConsistent)
+        }
+        thread.start()
+        // The checkpoint is applied at once (later writes go to the live bitmap) but it
+        // does not return while the earlier write is in flight.
+        var waited = 0
+        while tracker.query().count < 2 && waited < 5000 {
+            usleep(1000)
+            waited += 1
+        }
+        let after = tracker.willModify(offset: 1 << 20, length: 4096)
+        #expect(after.epoch == before.epoch + 1)
+        usleep(50_000)
+        let returnedEarly = checkpointDone.load(ordering: .sequentiallyConsistent)
+        #expect(!returnedEarly, "returned while a write of its epoch was in flight")
+        tracker.didModify(before)
+        while !checkpointDone.load(ordering: .sequentiallyConsistent) && waited < 10000 {
+            usleep(1000)
+            waited += 1
+        }
+        let returned = checkpointDone.load(ordering: .sequentiallyConsistent)
+        #expect(returned, "the write of the later epoch must not hold it")
+        tracker.didModify(after)
+        #expect(try dirtyRuns(tracker, "c1") == [ByteRun(0, 65536)])
+        #expect(try dirtyRuns(tracker, "b0") == [ByteRun(1 << 20, 65536)])
     }
 
     /// Marks a write and finishes it at once, returning the journal work it asked for.
