@@ -31,7 +31,9 @@ public struct BackupJob: Sendable {
         public var checkpoint: String?
         /// Parallel connections (each with `window` reads in flight).
         public var connections: Int = 1
-        public var window: Int = 16
+        /// Reads in flight per connection; nil: about 16 MiB in flight (see
+        /// ``defaultWindow(requestSize:)``).
+        public var window: Int?
         /// Read size; nil: from the server's block sizes (see ``BackupSource``).
         public var requestSize: UInt64?
         public var progress: BackupProgressHandler?
@@ -117,7 +119,8 @@ public struct BackupJob: Sendable {
             }
             let requestSize = options.requestSize ?? BackupSource.requestSize(for: primary)
             let puller = BackupPuller(
-                requests: plan.copyRequests(requestSize: requestSize), writer: writer, window: options.window,
+                requests: plan.copyRequests(requestSize: requestSize), writer: writer,
+                window: options.window ?? Self.defaultWindow(requestSize: requestSize),
                 bytesZeroed: plan.bytesToZero, progress: options.progress)
             extents += try puller.run(connections: connections)
             extents.sort { $0.offset < $1.offset }
@@ -145,6 +148,14 @@ public struct BackupJob: Sendable {
             file: directory.file(imageName), manifest: directory.file(manifestName), index: index,
             kind: options.kind, virtualSize: virtualSize, bytesCopied: plan.bytesToCopy,
             bytesZeroed: plan.bytesToZero, durationSeconds: Date().timeIntervalSince(started))
+    }
+
+    /// Reads in flight per connection when not given: about 16 MiB in flight, 2 to 64
+    /// reads. Measured on a 1 GiB full backup from Tidemark over a Unix socket: 4 reads of
+    /// 4 MiB took 0.8 s, 16 reads of 4 MiB 1.7 s (more in flight only adds memory
+    /// traffic on both sides once the socket is kept busy).
+    public static func defaultWindow(requestSize: UInt64) -> Int {
+        Int(min(64, max(2, (16 << 20) / max(requestSize, 1))))
     }
 
     private static func rename(_ from: String, _ to: String) throws(BackupError) {

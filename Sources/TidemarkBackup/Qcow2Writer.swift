@@ -97,6 +97,7 @@ public final class Qcow2Writer: Sendable {
             try file.write(
                 UnsafeRawBufferPointer(start: base + Int(runOffset), count: Int(runLength)),
                 at: hostCluster * cluster)
+            WritebackHint.start(descriptor: file.descriptor, offset: hostCluster * cluster, length: runLength)
         }
     }
 

@@ -24,7 +24,9 @@ struct BackupCommand: ParsableCommand {
         var uri: String
         @Argument(help: "Backup directory (created if missing).") var directory: String
         @Option(help: "Parallel NBD connections.") var connections: Int = 1
-        @Option(help: "Reads in flight per connection.") var inFlight: Int = 16
+        @Option(help: "Reads in flight per connection (default: about 16 MiB in flight).") var inFlight: Int?
+        @Option(help: "Bytes per read, a multiple of 65536 (default: the server's maximum block size, at most 4 MiB).")
+        var requestSize: UInt64?
         @Option(help: "Control socket of a Tidemark server: run the checkpoint cycle (needs --bitmap).")
         var control: String?
         @Option(help: "Export (node) name for --control (default: the URI's export name).") var export: String?
@@ -32,7 +34,10 @@ struct BackupCommand: ParsableCommand {
 
         func validate() throws {
             guard (1...16).contains(connections) else { throw ValidationError("--connections must be 1 to 16") }
-            guard (1...256).contains(inFlight) else { throw ValidationError("--in-flight must be 1 to 256") }
+            if let inFlight, !(1...256).contains(inFlight) { throw ValidationError("--in-flight must be 1 to 256") }
+            if let requestSize, requestSize == 0 || requestSize % 65536 != 0 || requestSize > 32 << 20 {
+                throw ValidationError("--request-size must be a multiple of 65536 up to 32 MiB")
+            }
             guard NBDURI.exportName(of: uri) != nil else {
                 throw ValidationError("'\(uri)' is not an NBD URI (nbd://… or nbd+unix://…)")
             }
@@ -44,6 +49,7 @@ struct BackupCommand: ParsableCommand {
             var options = BackupJob.Options(uri: uri, directory: directory, kind: kind, bitmap: bitmap)
             options.connections = connections
             options.window = inFlight
+            options.requestSize = requestSize
             options.progress = display.handler
             let result: BackupJob.Result
             if let control {
