@@ -32,7 +32,7 @@ public struct BackupJob: Sendable {
         /// Parallel connections (each with `window` reads in flight).
         public var connections: Int = 1
         /// Reads in flight per connection; nil: about 16 MiB in flight (see
-        /// ``defaultWindow(requestSize:)``).
+        /// ``defaultWindow(requestSize:)``, for the plan's average request).
         public var window: Int?
         /// Read size; nil: from the server's block sizes (see ``BackupSource``).
         public var requestSize: UInt64?
@@ -118,9 +118,12 @@ public struct BackupJob: Sendable {
                 connections.append(try BackupSource.openSecondary(uri: options.uri))
             }
             let requestSize = options.requestSize ?? BackupSource.requestSize(for: primary)
+            let requests = plan.copyRequests(requestSize: requestSize)
+            // Small scattered requests (an increment) need a deeper window than 4 MiB ones.
+            let averageRequest = requests.isEmpty ? requestSize : plan.bytesToCopy / UInt64(requests.count)
             let puller = BackupPuller(
-                requests: plan.copyRequests(requestSize: requestSize), writer: writer,
-                window: options.window ?? Self.defaultWindow(requestSize: requestSize),
+                requests: requests, writer: writer,
+                window: options.window ?? Self.defaultWindow(requestSize: averageRequest),
                 bytesZeroed: plan.bytesToZero, progress: options.progress)
             extents += try puller.run(connections: connections)
             extents.sort { $0.offset < $1.offset }
