@@ -20,6 +20,7 @@ let package = Package(
         .library(name: "DirtyTracking", targets: ["DirtyTracking"]),
         .library(name: "TidemarkServer", targets: ["TidemarkServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
+        .library(name: "TidemarkBackup", targets: ["TidemarkBackup"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -64,10 +65,13 @@ let package = Package(
         // libnbd, the C client library behind nbdinfo, nbdcopy and fio's nbd engine.
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(name: "NBDClient", dependencies: ["CLibNBD"], swiftSettings: strictSettings),
+        // Full and incremental backups into qcow2 chains, restore and verify (over NBDClient).
+        .target(name: "TidemarkBackup", dependencies: ["NBDClient"], swiftSettings: strictSettings),
         .executableTarget(
             name: "tidemark",
             dependencies: [
                 "TidemarkServer", "TidemarkControl", "BlockStorage", "DirtyTracking", "CLinuxIO",
+                "TidemarkBackup", "NBDClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -94,8 +98,13 @@ let package = Package(
             swiftSettings: strictSettings
         ),
         .testTarget(
+            name: "BackupTests",
+            dependencies: ["TidemarkBackup"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
             name: "IntegrationTests",
-            dependencies: ["NBDClient"],
+            dependencies: ["NBDClient", "TidemarkBackup"],
             swiftSettings: strictSettings
         ),
     ]

@@ -7,6 +7,9 @@ struct TidemarkCommand: AsyncParsableCommand {
         commandName: "tidemark",
         abstract: "An NBD server that records every write in dirty bitmaps for incremental backup.",
         version: "0.1.0",
-        subcommands: [ServeCommand.self, BitmapCommand.self, CheckpointCommand.self, QueryCommand.self]
+        subcommands: [
+            ServeCommand.self, BitmapCommand.self, CheckpointCommand.self, QueryCommand.self,
+            BackupCommand.self, RestoreCommand.self, VerifyCommand.self,
+        ]
     )
 }

@@ -1,0 +1,29 @@
+import ArgumentParser
+import Foundation
+import TidemarkBackup
+
+/// `tidemark restore DIR [--at POINT] OUT`: a raw image (or an NBD export) from a chain.
+struct RestoreCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restore",
+        abstract: "Write the disk as a backup chain holds it at one point to a raw image or an NBD export.")
+
+    @Argument(help: "Backup directory.") var directory: String
+    @Option(help: "Chain point: index (0 = the full backup), checkpoint name or file name (default: the newest).")
+    var at: String?
+    @Argument(help: "Output: a raw image file (written sparse), or an NBD URI.") var output: String
+    @Flag(help: "Print a JSON summary on stdout.") var json = false
+
+    func run() throws {
+        let result = try RestoreJob(directory: directory, point: at, output: output).run()
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            print(String(decoding: try encoder.encode(result), as: UTF8.self))
+        } else {
+            FileHandle.standardError.write(Data((
+                "restored backup \(result.index) (\(result.name)) to \(result.output): "
+                    + "\(ProgressDisplay.bytes(result.bytesWritten)) of data, \(ProgressDisplay.bytes(result.virtualSize)) disk\n").utf8))
+        }
+    }
+}
