@@ -1,7 +1,3 @@
-// PENDING: move this file into Tests/IntegrationTests/ once main's point-in-time views
-// (`checkpoint-create` with "view": true) are merged. It is kept out of every test target
-// because it cannot pass before that: the current server refuses the "view" argument.
-
 import Foundation
 import NBDClient
 import Testing
@@ -38,8 +34,11 @@ struct BackupViewCycleTests {
             try BackupChecks.mutate(writer, size: UInt64(size), operations: 20, generator: &generator)
             expected.append(scratch.file("expected-\(round).raw"))
             try BackupChecks.snapshot(writer, to: expected[round])
-            // Writes racing the backup land after the checkpoint: the view hides them.
+            // Writes racing the backup, from the moment its checkpoint exists: they land
+            // after the checkpoint, and the view hides them.
+            let observer = try fixture.qmp()
             let racing = Thread {
+                guard (try? observer.waitForEvent("CHECKPOINT_CREATED", timeout: 60)) != nil else { return }
                 for index in 0..<50 {
                     try? writer.pwrite(ImageFile.constant(0xEE, count: 65536), offset: UInt64(index) * 131_072)
                     usleep(2_000)
@@ -56,6 +55,36 @@ struct BackupViewCycleTests {
             // the restore of this point must equal the state at the checkpoint.
         }
         try writer.shutdown()
+        try BackupChecks.checkChain(directory, expected: expected, scratch: scratch)
+    }
+
+    @Test("4 writers go on; a full backup and 10 incrementals pulled from views; every point restores to what its view showed")
+    func chainFromViewsUnderWriters() throws {
+        let size = 16 * Self.mib
+        let fixture = try ControlFixture(size: size, extraArguments: ["--bitmap", "b0"])
+        let scratch = try TestDirectory()
+        let directory = scratch.file("chain")
+        let client = try fixture.qmp()
+        let writers = Views.Writers(try (0..<4).map { _ in try fixture.connect() }, size: UInt64(size))
+        defer { writers.stop() }
+        var expected: [String] = []
+        for round in 0...10 {
+            let before = writers.count
+            while writers.count < before + 20 { usleep(2_000) }
+            let created = try Views.create(client)
+            let viewURI = try fixture.uri(export: created.view)
+            let snapshot = scratch.file("view-\(round).raw")
+            try BackupChecks.snapshot(try fixture.connect(export: created.view), to: snapshot)
+            expected.append(snapshot)
+            let summary =
+                round == 0
+                ? try BackupChecks.backup(["full", viewURI, directory])
+                : try BackupChecks.backup(["incremental", viewURI, directory, "--bitmap", created.checkpoint])
+            #expect(summary["index"] as? Int == round)
+            try client.run("checkpoint-complete", ["node": "disk", "name": .string(created.checkpoint)])
+        }
+        writers.stop()
+        #expect(writers.failures.all.isEmpty, "\(writers.failures.all)")
         try BackupChecks.checkChain(directory, expected: expected, scratch: scratch)
     }
 
