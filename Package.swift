@@ -66,7 +66,7 @@ let package = Package(
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(name: "NBDClient", dependencies: ["CLibNBD"], swiftSettings: strictSettings),
         // Full and incremental backups into qcow2 chains, restore and verify (over NBDClient).
-        .target(name: "TidemarkBackup", dependencies: ["NBDClient"], swiftSettings: strictSettings),
+        .target(name: "TidemarkBackup", dependencies: ["NBDClient", "CLinuxIO"], swiftSettings: strictSettings),
         .executableTarget(
             name: "tidemark",
             dependencies: [

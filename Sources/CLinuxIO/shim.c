@@ -41,6 +41,10 @@ int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length) {
     return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
 }
 
+int clinuxio_start_writeback(int fd, off_t offset, off_t length) {
+    return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE);
+}
+
 int clinuxio_is_block_device(int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return 0;

@@ -231,7 +231,7 @@ public final class Qcow2Writer: Sendable {
         BigEndian.put32(UInt32(refcountTableClusters), into: &bytes, at: 56)
         BigEndian.put32(Qcow2Format.refcountOrder, into: &bytes, at: 96)
         BigEndian.put32(Qcow2Format.headerLength, into: &bytes, at: 100)
-        if let backingFile {
+        if backingFile != nil {
             let format = Array("qcow2".utf8)
             var extensionBytes = [UInt8](repeating: 0, count: 8 + Int(Qcow2Format.roundUp(UInt64(format.count), 8)))
             BigEndian.put32(Qcow2Format.extensionBackingFormat, into: &extensionBytes, at: 0)

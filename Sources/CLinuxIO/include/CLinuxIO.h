@@ -28,6 +28,10 @@ int clinuxio_block_device_size(int fd, uint64_t *size);
 /// posix_fadvise(WILLNEED); returns 0 or an errno value.
 int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length);
 
+/// sync_file_range(SYNC_FILE_RANGE_WRITE): starts writeback of a range without waiting;
+/// returns 0 or -1 with errno set.
+int clinuxio_start_writeback(int fd, off_t offset, off_t length);
+
 /// True when the fd refers to a block device.
 int clinuxio_is_block_device(int fd);
 
