@@ -169,7 +169,9 @@ public final class PointInTimeView: Sendable {
 
     /// Copies the data runs of the granules (holes stay holes in the sidecar).
     private func copy(_ runs: [ClosedRange<Int>], into sidecar: RawImage) throws(StorageError) {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096)
+        let longest = runs.map { UInt64($0.count) * granularity }.max() ?? granularity
+        let buffer = UnsafeMutableRawBufferPointer.allocate(
+            byteCount: Int(min(UInt64(Self.copyChunk), longest)), alignment: 4096)
         defer { buffer.deallocate() }
         for run in runs {
             let start = UInt64(run.lowerBound) * granularity
@@ -182,7 +184,7 @@ public final class PointInTimeView: Sendable {
                     if !extent.isHole {
                         var done: UInt64 = 0
                         while done < extent.length {
-                            let count = Int(min(UInt64(Self.copyChunk), extent.length - done))
+                            let count = Int(min(UInt64(buffer.count), extent.length - done))
                             let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count])
                             try image.read(into: chunk, at: position + done)
                             try sidecar.write(UnsafeRawBufferPointer(chunk), at: position + done)
