@@ -17,8 +17,6 @@ import Glibc
 public final class PointInTimeView: Sendable {
     /// Copy-before-write unit: 2 bits of bookkeeping per granule, one copy per granule.
     public static let defaultGranularity: UInt64 = 64 * 1024
-    /// Largest buffer one copy uses, so preserving a huge trim stays bounded in memory.
-    static let copyChunk = 1 << 20
 
     struct State {
         /// Granules a writer has started copying (or finished).
@@ -167,12 +165,9 @@ public final class PointInTimeView: Sendable {
         if othersCopying { waitUntilPreserved(range) }
     }
 
-    /// Copies the data runs of the granules (holes stay holes in the sidecar).
+    /// Copies the data runs of the granules (holes stay holes in the sidecar), in the
+    /// kernel where it can.
     private func copy(_ runs: [ClosedRange<Int>], into sidecar: RawImage) throws(StorageError) {
-        let longest = runs.map { UInt64($0.count) * granularity }.max() ?? granularity
-        let buffer = UnsafeMutableRawBufferPointer.allocate(
-            byteCount: Int(min(UInt64(Self.copyChunk), longest)), alignment: 4096)
-        defer { buffer.deallocate() }
         for run in runs {
             let start = UInt64(run.lowerBound) * granularity
             let end = min(UInt64(run.upperBound + 1) * granularity, size)
@@ -181,16 +176,7 @@ public final class PointInTimeView: Sendable {
                 let extents = image.allocationExtents(at: position, length: end - position, maxExtents: 1024)
                 guard !extents.isEmpty else { break }
                 for extent in extents {
-                    if !extent.isHole {
-                        var done: UInt64 = 0
-                        while done < extent.length {
-                            let count = Int(min(UInt64(buffer.count), extent.length - done))
-                            let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count])
-                            try image.read(into: chunk, at: position + done)
-                            try sidecar.write(UnsafeRawBufferPointer(chunk), at: position + done)
-                            done += UInt64(count)
-                        }
-                    }
+                    if !extent.isHole { try image.copyRange(at: position, length: extent.length, to: sidecar) }
                     position += extent.length
                 }
             }

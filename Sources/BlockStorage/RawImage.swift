@@ -207,6 +207,44 @@ public final class RawImage: Sendable {
         }
     }
 
+    /// Copies `[offset, offset+length)` of this image to the same offsets of `destination`
+    /// inside the kernel (`copy_file_range`: no trip through user memory, a reflink where
+    /// the file system shares blocks). Falls back to reads and writes where the kernel
+    /// cannot copy between the two files.
+    public func copyRange(at offset: UInt64, length: UInt64, to destination: RawImage) throws(StorageError) {
+        guard !destination.isReadOnly else { throw .readOnly }
+        try Self.checkRepresentable(offset, length, size: size)
+        var done: UInt64 = 0
+        while done < length {
+            let chunk = Int(min(length - done, 1 << 30))
+            let n = clinuxio_copy_range(fd, destination.fd, off_t(offset + done), chunk)
+            if n > 0 {
+                done += UInt64(n)
+                continue
+            }
+            if n < 0 && Glibc.errno == EINTR { continue }
+            let code = n < 0 ? Glibc.errno : 0
+            guard n == 0 || [EXDEV, EINVAL, ENOSYS, EOPNOTSUPP].contains(code) else {
+                throw .ioFailed(operation: "copy_file_range", errno: code)
+            }
+            // Past the end of a file that shrank, or no in-kernel copy here: copy through memory.
+            try copyThroughMemory(at: offset + done, length: length - done, to: destination)
+            return
+        }
+    }
+
+    private func copyThroughMemory(at offset: UInt64, length: UInt64, to destination: RawImage) throws(StorageError) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(length, 1 << 20)), alignment: 4096)
+        defer { buffer.deallocate() }
+        var done: UInt64 = 0
+        while done < length {
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(buffer.count), length - done))])
+            try read(into: part, at: offset + done)
+            try destination.write(UnsafeRawBufferPointer(part), at: offset + done)
+            done += UInt64(part.count)
+        }
+    }
+
     /// Bytes the file occupies on disk, which for a sparse file is what was written.
     public var allocatedBytes: UInt64 {
         var info = stat()

@@ -41,6 +41,11 @@ int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length) {
     return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
 }
 
+ssize_t clinuxio_copy_range(int fd_in, int fd_out, off_t offset, size_t length) {
+    loff_t in = offset, out = offset;
+    return copy_file_range(fd_in, &in, fd_out, &out, length, 0);
+}
+
 int clinuxio_start_writeback(int fd, off_t offset, off_t length) {
     return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE);
 }

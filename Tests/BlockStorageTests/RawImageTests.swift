@@ -77,6 +77,23 @@ extension RawImage {
 
 @Suite("RawImage")
 struct RawImageTests {
+    @Test("copyRange copies a range to the same offsets of another image, and refuses a read-only one")
+    func copyRange() throws {
+        let directory = try TemporaryDirectory()
+        let source = directory.file("source.raw")
+        let target = directory.file("target.raw")
+        let data = pattern(3 * mib, seed: 7)
+        try writeFile(source, data)
+        try RawImage.createSparseFileIfMissing(path: target, size: UInt64(3 * mib))
+        let from = try RawImage(path: source, readOnly: true)
+        let to = try RawImage(path: target, readOnly: false)
+        try from.copyRange(at: 4096 + 100, length: UInt64(2 * mib), to: to)
+        #expect(try to.readBytes(2 * mib, at: 4196) == Array(data[4196..<(4196 + 2 * mib)]))
+        #expect(try to.readBytes(4196, at: 0) == [UInt8](repeating: 0, count: 4196), "nothing outside the range")
+        let readOnly = try RawImage(path: target, readOnly: true)
+        #expect(throws: StorageError.readOnly) { try from.copyRange(at: 0, length: 10, to: readOnly) }
+    }
+
     @Test("createSparseFileIfMissing creates a sparse file once and never touches an existing one")
     func createSparse() throws {
         let directory = try TemporaryDirectory()
