@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// A backup directory: the naming of its files, the chain they form, and the cleanup of
 /// debris from interrupted runs.

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// The JSON record written beside each backup file: what was backed up, from where, and
 /// a checksum of every extent, so ``ChainVerifier`` can prove later that the chain still

@@ -1,4 +1,5 @@
-import Foundation
+import Dispatch
+import FoundationEssentials
 import NBDClient
 import Synchronization
 
@@ -49,17 +50,10 @@ final class BackupPuller: Sendable {
         if connections.count == 1, let only = connections.first {
             pull(on: only)
         } else {
-            let group = DispatchGroup()
-            for connection in connections {
-                group.enter()
-                let thread = Thread { [self] in
-                    pull(on: connection)
-                    group.leave()
-                }
-                thread.stackSize = 1 << 20
-                thread.start()
+            // One blocking loop per connection, each on a thread of its own.
+            DispatchQueue.concurrentPerform(iterations: connections.count) { index in
+                pull(on: connections[index])
             }
-            group.wait()
         }
         let (extents, failure) = results.withLock { ($0.extents, $0.failure) }
         if let failure { throw failure }

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import NBDClient
 
 #if canImport(Glibc)

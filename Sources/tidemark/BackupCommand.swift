@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import TidemarkBackup
 
 /// `tidemark backup full|incremental URI DIR`: pull a backup from any NBD server into a
@@ -77,10 +77,10 @@ struct BackupCommand: ParsableCommand {
                 encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
                 print(String(decoding: try encoder.encode(result), as: UTF8.self))
             } else {
-                FileHandle.standardError.write(Data((
+                let seconds = (result.durationSeconds * 100).rounded() / 100
+                ProgressDisplay.writeError(
                     "\(result.file): \(kind.rawValue) backup, \(ProgressDisplay.bytes(result.bytesCopied)) copied, "
-                        + "\(ProgressDisplay.bytes(result.bytesZeroed)) recorded as zeroes in "
-                        + String(format: "%.2f", result.durationSeconds) + " s\n").utf8))
+                        + "\(ProgressDisplay.bytes(result.bytesZeroed)) recorded as zeroes in \(seconds) s\n")
             }
         }
     }

@@ -6,7 +6,7 @@ import TidemarkControl
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
-import Foundation
+import FoundationEssentials
 #endif
 
 /// `tidemark bitmap …`: manage bitmaps through a running server's control socket

@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import TidemarkBackup
 
 /// `tidemark restore DIR [--at POINT] OUT`: a raw image (or an NBD export) from a chain.
@@ -21,9 +21,9 @@ struct RestoreCommand: ParsableCommand {
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
             print(String(decoding: try encoder.encode(result), as: UTF8.self))
         } else {
-            FileHandle.standardError.write(Data((
+            ProgressDisplay.writeError(
                 "restored backup \(result.index) (\(result.name)) to \(result.output): "
-                    + "\(ProgressDisplay.bytes(result.bytesWritten)) of data, \(ProgressDisplay.bytes(result.virtualSize)) disk\n").utf8))
+                    + "\(ProgressDisplay.bytes(result.bytesWritten)) of data, \(ProgressDisplay.bytes(result.virtualSize)) disk\n")
         }
     }
 }

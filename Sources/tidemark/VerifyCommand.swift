@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import TidemarkBackup
 
 /// `tidemark verify DIR`: every recorded checksum against the chain, and `qemu-img check`.
