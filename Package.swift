@@ -77,9 +77,11 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // Helpers every test target shares (seeded randomness).
+        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strictSettings),
         .testTarget(
             name: "NBDProtocolTests",
-            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["TestSupport", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strictSettings
         ),
         .testTarget(
@@ -94,17 +96,17 @@ let package = Package(
         ),
         .testTarget(
             name: "DirtyTrackingTests",
-            dependencies: ["DirtyTracking"],
+            dependencies: ["TestSupport", "DirtyTracking"],
             swiftSettings: strictSettings
         ),
         .testTarget(
             name: "BackupTests",
-            dependencies: ["TidemarkBackup"],
+            dependencies: ["TestSupport", "TidemarkBackup"],
             swiftSettings: strictSettings
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["NBDClient", "TidemarkBackup"],
+            dependencies: ["TestSupport", "NBDClient", "TidemarkBackup"],
             swiftSettings: strictSettings
         ),
     ]

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 @testable import TidemarkBackup
 
 /// Tidemark's qcow2 writer and reader against each other and against qemu-img: random

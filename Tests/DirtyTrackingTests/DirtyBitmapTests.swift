@@ -1,5 +1,6 @@
 import DirtyTracking
 import Testing
+import TestSupport
 
 /// `DirtyBitmap`: the bits, at every boundary of its two levels, and against an oracle.
 @Suite("DirtyBitmap")

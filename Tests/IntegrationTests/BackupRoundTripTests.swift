@@ -2,6 +2,7 @@ import Foundation
 import NBDClient
 import Testing
 import TidemarkBackup
+import TestSupport
 
 /// Backup chains pulled from real servers and restored: Tidemark with checkpoints, and
 /// qemu-nbd serving a qcow2 with a persistent bitmap rotated by qemu-img.
@@ -17,7 +18,7 @@ struct BackupRoundTripTests {
         let fixture = try ControlFixture(size: size, extraArguments: ["--bitmap", "b0:\(granularity)"])
         let scratch = try TestDirectory()
         let directory = scratch.file("chain")
-        var generator = SeededRandom(seed: granularity == "4K" ? 4 : 64)
+        var generator = SeededGenerator(seed: granularity == "4K" ? 4 : 64)
         let uri = try fixture.uri()
         let writer = try fixture.connect()
         // Some data, some holes before the full backup.
@@ -64,7 +65,7 @@ struct BackupRoundTripTests {
         let result = try BackupJob(options: options).run()
         #expect(result.bytesCopied == UInt64(size))
         let writer = try fixture.connect()
-        var generator = SeededRandom(seed: 3)
+        var generator = SeededGenerator(seed: 3)
         try BackupChecks.mutate(writer, size: UInt64(size), operations: 50, generator: &generator)
         var incremental = BackupJob.Options(uri: fixture.uri, directory: directory, kind: .incremental, bitmap: "b0")
         incremental.connections = 4

@@ -2,6 +2,7 @@ import Foundation
 import NBDClient
 import Testing
 import TidemarkBackup
+import TestSupport
 
 /// `tidemark backup … --control`: checkpoint with a view, pull from the view, complete on
 /// success, abort on failure.
@@ -18,7 +19,7 @@ struct BackupViewCycleTests {
         let uri = try fixture.uri()
         let client = try fixture.qmp()
         let writer = try fixture.connect()
-        var generator = SeededRandom(seed: 11)
+        var generator = SeededGenerator(seed: 11)
         try BackupChecks.mutate(writer, size: UInt64(size), operations: 30, generator: &generator)
         var expected = [scratch.file("expected-0.raw")]
         try BackupChecks.snapshot(writer, to: expected[0])

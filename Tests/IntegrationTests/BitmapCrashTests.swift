@@ -1,6 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
+import TestSupport
 
 /// SIGKILL while writes are in flight: after the restart, every granule whose bytes
 /// changed must be dirty in the recovered bitmap, and the store's generation counts the
@@ -52,7 +53,7 @@ struct BitmapCrashTests {
     /// One writer: random writes, zeroes, trims, FUA writes and flushes inside the hot
     /// regions (never across a region edge), until the connection dies.
     static func writeUntilDead(_ connection: NBDConnection, seed: UInt64, progress: Progress) {
-        var generator = BitmapSeededRandom(seed: seed)
+        var generator = SeededGenerator(seed: seed)
         while !progress.isStopped {
             let region = hotRegions[Int(generator.next() % UInt64(hotRegions.count))]
             let length = (generator.next() % 512 + 1) * 512  // 512 B ... 256 KiB
@@ -85,7 +86,7 @@ struct BitmapCrashTests {
         let seed = ProcessInfo.processInfo.environment["TIDEMARK_CRASH_SEED"].flatMap { UInt64($0) }
             ?? UInt64.random(in: 1..<UInt64.max)
         let context = "seed \(seed) (rerun with TIDEMARK_CRASH_SEED=\(seed))"
-        var generator = BitmapSeededRandom(seed: seed)
+        var generator = SeededGenerator(seed: seed)
         let directory = try TestDirectory()
         let image = directory.file("image.raw")
         try ImageFile.createSparse(image, size: Int(Self.size))
@@ -195,17 +196,3 @@ struct BitmapCrashTests {
     }
 }
 
-/// SplitMix64, seeded, so a failing crash run can be replayed.
-struct BitmapSeededRandom {
-    private var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
