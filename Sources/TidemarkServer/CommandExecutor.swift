@@ -129,12 +129,16 @@ struct CommandExecutor {
             try work(image)
         }
         let waiting = preparation.views.filter { !$0.view.isActive }.map(\.activation)
-        guard !waiting.isEmpty else { return .pending(offloaded(cookie: cookie, command: command, prepared)) }
-        let eventLoop = self.eventLoop
-        return .pending(
-            EventLoopFuture.andAllComplete(waiting, on: eventLoop).flatMap {
+        let future =
+            waiting.isEmpty
+            ? offloaded(cookie: cookie, command: command, prepared)
+            : EventLoopFuture.andAllComplete(waiting, on: eventLoop).flatMap {
                 self.offloaded(cookie: cookie, command: command, prepared)
-            })
+            }
+        // The future fails only when the pool stopped before running the work (errors of
+        // the work become error replies): the modification is over all the same.
+        future.whenFailure { _ in preparation.finish() }
+        return .pending(future)
     }
 
     /// Saves bitmap bits on FLUSH. A failed save does not fail the FLUSH: the data is
