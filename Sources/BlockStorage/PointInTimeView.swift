@@ -29,6 +29,11 @@ public final class PointInTimeView: Sendable {
         var active = false
         var closed = false
         var failure: StorageError?
+
+        /// Why reads cannot be served, if they cannot.
+        var unavailability: StorageError? {
+            closed ? .viewUnavailable(reason: "it was closed") : failure
+        }
     }
 
     /// The live image the view was taken of.
@@ -91,9 +96,7 @@ public final class PointInTimeView: Sendable {
 
     /// Why the view cannot serve reads, if it cannot.
     public var failure: StorageError? {
-        state.withLock { state in
-            state.closed ? .viewUnavailable(reason: "it was closed") : state.failure
-        }
+        state.withLock { $0.unavailability }
     }
 
     /// Bytes of the image preserved so far (whole granules, holes included).
@@ -115,7 +118,7 @@ public final class PointInTimeView: Sendable {
     public func needsPreservation(offset: UInt64, length: UInt64) -> Bool {
         guard sidecar != nil, let range = granules(offset: offset, length: length) else { return false }
         return state.withLock { state in
-            !state.closed && state.failure == nil && !state.preserved.containsAll(range)
+            state.unavailability == nil && !state.preserved.containsAll(range)
         }
     }
 
@@ -126,7 +129,7 @@ public final class PointInTimeView: Sendable {
     public func preserve(offset: UInt64, length: UInt64) throws(StorageError) {
         guard let sidecar, let range = granules(offset: offset, length: length) else { return }
         let (runs, othersCopying) = state.withLock { state -> ([ClosedRange<Int>], Bool) in
-            guard state.active, !state.closed, state.failure == nil else { return ([], false) }
+            guard state.active, state.unavailability == nil else { return ([], false) }
             var runs: [ClosedRange<Int>] = []
             var othersCopying = false
             for index in range {
@@ -188,7 +191,7 @@ public final class PointInTimeView: Sendable {
     private func waitUntilPreserved(_ range: ClosedRange<Int>) {
         while true {
             let done = state.withLock { state in
-                state.closed || state.failure != nil || state.preserved.containsAll(range)
+                state.unavailability != nil || state.preserved.containsAll(range)
             }
             if done { return }
             usleep(20)
@@ -210,6 +213,16 @@ public final class PointInTimeView: Sendable {
         return state.claimed.contains(index) ? .copying : .image
     }
 
+    /// The run of granules from the one holding `position` that share its location,
+    /// ending at `end` at the latest: the location and where the run ends.
+    private func run(from position: UInt64, to end: UInt64, in state: State) -> (Location, UInt64) {
+        let first = Int(position / granularity)
+        let here = location(of: first, in: state)
+        var next = first + 1
+        while UInt64(next) * granularity < end && location(of: next, in: state) == here { next += 1 }
+        return (here, min(UInt64(next) * granularity, end))
+    }
+
     /// Reads, blocking if needed; a closed or broken view throws `.viewUnavailable`.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         _ = try read(into: buffer, at: offset, blocking: true)
@@ -229,11 +242,8 @@ public final class PointInTimeView: Sendable {
             let first = Int(position / granularity)
             // One run of granules in the same place.
             let (location, runEnd) = try state.withLock { (state: inout State) throws(StorageError) -> (Location, UInt64) in
-                if let failure = state.closed ? .viewUnavailable(reason: "it was closed") : state.failure { throw failure }
-                let here = self.location(of: first, in: state)
-                var next = first + 1
-                while UInt64(next) * granularity < sum && self.location(of: next, in: state) == here { next += 1 }
-                return (here, min(UInt64(next) * granularity, sum))
+                if let failure = state.unavailability { throw failure }
+                return run(from: position, to: sum, in: state)
             }
             let slice = UnsafeMutableRawBufferPointer(
                 rebasing: buffer[Int(position - offset)..<Int(runEnd - offset)])
@@ -308,10 +318,8 @@ public final class PointInTimeView: Sendable {
         while position < end && result.count < maxExtents {
             let first = Int(position / granularity)
             let (location, runEnd, broken) = state.withLock { state -> (Location, UInt64, Bool) in
-                let here = self.location(of: first, in: state)
-                var next = first + 1
-                while UInt64(next) * granularity < end && self.location(of: next, in: state) == here { next += 1 }
-                return (here, min(UInt64(next) * granularity, end), state.closed || state.failure != nil)
+                let (location, runEnd) = run(from: position, to: end, in: state)
+                return (location, runEnd, state.unavailability != nil)
             }
             if broken || location == .copying {
                 append(runEnd - position, hole: false)
