@@ -33,7 +33,7 @@ let package = Package(
         // Images: raw files and block devices. Knows nothing of NBD.
         .target(name: "BlockStorage", dependencies: ["CLinuxIO"], swiftSettings: strictSettings),
         // Named dirty bitmaps, their persistence journal and checkpoints. Knows nothing of NBD.
-        .target(name: "DirtyTracking", swiftSettings: strictSettings),
+        .target(name: "DirtyTracking", dependencies: ["CLinuxIO"], swiftSettings: strictSettings),
         // Sans-IO NBD wire protocol: codecs and state machines.
         .target(
             name: "NBDProtocol",
@@ -55,7 +55,7 @@ let package = Package(
         .target(
             name: "TidemarkControl",
             dependencies: [
-                "TidemarkServer", "DirtyTracking", "BlockStorage",
+                "TidemarkServer", "DirtyTracking", "BlockStorage", "CLinuxIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -41,6 +41,24 @@ int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length) {
     return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
 }
 
+int clinuxio_write_all(int fd, const void *bytes, size_t length) {
+    const char *next = bytes;
+    while (length > 0) {
+        ssize_t n = write(fd, next, length);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (n == 0) {
+            errno = EIO;
+            return -1;
+        }
+        next += n;
+        length -= (size_t)n;
+    }
+    return 0;
+}
+
 ssize_t clinuxio_copy_range(int fd_in, int fd_out, off_t offset, size_t length) {
     loff_t in = offset, out = offset;
     return copy_file_range(fd_in, &in, fd_out, &out, length, 0);

@@ -1,3 +1,5 @@
+import CLinuxIO
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -50,17 +52,8 @@ enum FileIO {
     }
 
     static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws(BitmapError) {
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { raw -> Int in
-                guard let base = raw.baseAddress else { return 0 }
-                return write(fd, base + done, raw.count - done)
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw .storeIOFailed(path: path, reason: "write: \(describe(errno))")
-            }
-            done += n
+        guard bytes.withUnsafeBytes({ clinuxio_write_all(fd, $0.baseAddress, $0.count) }) == 0 else {
+            throw .storeIOFailed(path: path, reason: "write: \(describe(errno))")
         }
     }
 

@@ -1,3 +1,5 @@
+import CLinuxIO
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -73,17 +75,8 @@ public final class QMPClient {
     }
 
     private func send(_ bytes: [UInt8]) throws(QMPError) {
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { raw -> Int in
-                guard let base = raw.baseAddress else { return 0 }
-                return write(fd, base + done, raw.count - done)
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw QMPError(.genericError, "lost the control connection: \(String(cString: strerror(errno)))")
-            }
-            done += n
+        guard bytes.withUnsafeBytes({ clinuxio_write_all(fd, $0.baseAddress, $0.count) }) == 0 else {
+            throw QMPError(.genericError, "lost the control connection: \(String(cString: strerror(errno)))")
         }
     }
 

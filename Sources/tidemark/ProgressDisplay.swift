@@ -1,3 +1,4 @@
+import CLinuxIO
 import Synchronization
 import TidemarkBackup
 
@@ -53,15 +54,8 @@ final class ProgressDisplay: Sendable {
 
     /// Writes to file descriptor 2 directly (C's `stderr` is shared mutable state to Swift 6).
     static func writeError(_ text: String) {
-        var bytes = Array(text.utf8)
-        var done = 0
-        while done < bytes.count {
-            let written = bytes.withUnsafeMutableBytes { raw in
-                write(STDERR_FILENO, raw.baseAddress.map { $0 + done }, raw.count - done)
-            }
-            if written <= 0 { return }
-            done += written
-        }
+        let bytes = Array(text.utf8)
+        _ = bytes.withUnsafeBytes { clinuxio_write_all(STDERR_FILENO, $0.baseAddress, $0.count) }
     }
 
     static func percent(_ fraction: Double) -> String {

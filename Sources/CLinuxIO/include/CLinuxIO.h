@@ -28,6 +28,10 @@ int clinuxio_block_device_size(int fd, uint64_t *size);
 /// posix_fadvise(WILLNEED); returns 0 or an errno value.
 int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length);
 
+/// write(2) until all `length` bytes are written, retrying on EINTR; returns 0, or -1
+/// with errno set (a write that makes no progress reports EIO).
+int clinuxio_write_all(int fd, const void *bytes, size_t length);
+
 /// copy_file_range between two files at the same offset, in the kernel; returns bytes
 /// copied (may be short; 0 at end of file) or -1 with errno set.
 ssize_t clinuxio_copy_range(int fd_in, int fd_out, off_t offset, size_t length);
