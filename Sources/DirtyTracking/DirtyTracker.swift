@@ -34,6 +34,11 @@ public final class DirtyTracker: Sendable {
         var unsaved = false
         /// Advances with every management operation; writes count themselves in it.
         var writeEpoch: UInt64 = 0
+        /// True while the store on disk says "stopped cleanly, no bitmaps" and nothing
+        /// persistent has happened since: there is nothing to journal or save, so opening
+        /// and closing the store write nothing (a captive `tidemark serve` starts and stops
+        /// without five fsyncs).
+        var storeSettled = false
 
         mutating func refreshJournaling() {
             journaling = bitmaps.contains { $0.persistent && $0.recording }
@@ -64,7 +69,9 @@ public final class DirtyTracker: Sendable {
     }
 
     /// A tracker backed by the image's sidecar store, with its bitmaps loaded (and, after
-    /// an unclean stop, recovered from the journal). Starts a new journal epoch at once.
+    /// an unclean stop, recovered from the journal). Starts a new journal epoch at once,
+    /// unless the store holds no bitmaps and was closed cleanly: then the first
+    /// persistent change does it.
     public init(store: BitmapStore, contents: BitmapStore.Contents) throws(BitmapError) {
         self.size = store.imageSize
         self.store = store
@@ -75,8 +82,10 @@ public final class DirtyTracker: Sendable {
                 busy: $0.checkpointOf != nil, checkpointOf: $0.checkpointOf, consumed: $0.consumed)
         }
         initial.refreshJournaling()
+        initial.storeSettled = contents.bitmaps.isEmpty && !contents.recovered
+        let settled = initial.storeSettled
         self.state = Mutex(initial)
-        try save(cleanShutdown: false)
+        if !settled { try save(cleanShutdown: false) }
     }
 
     private static func regionMap(size: UInt64) -> DirtyBitmap {
@@ -182,6 +191,13 @@ public final class DirtyTracker: Sendable {
     public func save(cleanShutdown: Bool = false) throws(BitmapError) {
         guard let store else { return }
         try saveLock.withLock { (_: inout Void) throws(BitmapError) in
+            let settled = state.withLock { state in
+                // A clean stop of a store that never held bitmaps leaves it as it was.
+                if state.storeSettled && cleanShutdown && !state.bitmaps.contains(where: \.persistent) { return true }
+                state.storeSettled = false
+                return false
+            }
+            guard !settled else { return }
             let snapshot = try journalLock.withLock { (_: inout Void) throws(BitmapError) -> BitmapStore.Snapshot in
                 let snapshot = state.withLock { state -> BitmapStore.Snapshot in
                     state.epoch += 1

@@ -86,7 +86,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Add: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Add a bitmap (persistent unless --transient).")
+        static let configuration = CommandConfiguration(commandName: "add", abstract: "Add a bitmap (persistent unless --transient).")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
         @Option(help: "Bytes per bit: a power of two from 512 to 2G (e.g. 64K).") var granularity: String = "64K"
@@ -109,35 +109,35 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Remove a bitmap.")
+        static let configuration = CommandConfiguration(commandName: "remove", abstract: "Remove a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
         func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-remove") { .remove(name: $0) } }
     }
 
     struct Clear: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Clear every bit of a bitmap.")
+        static let configuration = CommandConfiguration(commandName: "clear", abstract: "Clear every bit of a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
         func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-clear") { .clear(name: $0) } }
     }
 
     struct Enable: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Start recording writes into a bitmap.")
+        static let configuration = CommandConfiguration(commandName: "enable", abstract: "Start recording writes into a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
         func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-enable") { .setRecording(name: $0, true) } }
     }
 
     struct Disable: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop recording writes into a bitmap.")
+        static let configuration = CommandConfiguration(commandName: "disable", abstract: "Stop recording writes into a bitmap.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] NAME") var operands: [String] = []
         func run() throws { try target.runOnName(operands, command: "block-dirty-bitmap-disable") { .setRecording(name: $0, false) } }
     }
 
     struct Merge: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "OR source bitmaps into a target (all or nothing).")
+        static let configuration = CommandConfiguration(commandName: "merge", abstract: "OR source bitmaps into a target (all or nothing).")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE] TARGET SOURCE...") var operands: [String] = []
         func run() throws {
@@ -151,7 +151,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List bitmaps with their flags and dirty counts.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List bitmaps with their flags and dirty counts.")
         @OptionGroup var target: Target
         @Argument(help: "[IMAGE]") var operands: [String] = []
         @Flag(help: "Print JSON.") var json = false
@@ -185,6 +185,7 @@ struct BitmapCommand: ParsableCommand {
 
     struct Dump: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "dump",
             abstract: "Print an offline image's bitmap extents (as nbdinfo --map prints them).",
             discussion: "On a running server, read them over NBD: nbdinfo --map=qemu:dirty-bitmap:NAME URI.")
         @Argument(help: "IMAGE NAME") var operands: [String] = []

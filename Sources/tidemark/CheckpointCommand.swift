@@ -30,7 +30,7 @@ struct CheckpointCommand: ParsableCommand {
     }
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a checkpoint of a bitmap.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a checkpoint of a bitmap.")
         @OptionGroup var connection: Connection
         @Option(help: "The bitmap to checkpoint.") var bitmap: String
         @Option(help: "Name of the checkpoint and its increment (default: c1, c2, …).") var name: String?
@@ -64,14 +64,14 @@ struct CheckpointCommand: ParsableCommand {
     }
 
     struct Complete: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "The backup succeeded: release the increment.")
+        static let configuration = CommandConfiguration(commandName: "complete", abstract: "The backup succeeded: release the increment.")
         @OptionGroup var connection: Connection
         @Argument(help: "Checkpoint name.") var name: String
         func run() throws { _ = try connection.execute("checkpoint-complete", ["name": .string(name)]) }
     }
 
     struct Abort: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "The backup failed: merge the increment back.")
+        static let configuration = CommandConfiguration(commandName: "abort", abstract: "The backup failed: merge the increment back.")
         @OptionGroup var connection: Connection
         @Argument(help: "Checkpoint name.") var name: String
         func run() throws { _ = try connection.execute("checkpoint-abort", ["name": .string(name)]) }

@@ -9,7 +9,12 @@ struct TidemarkCommand: AsyncParsableCommand {
         version: "0.1.0",
         subcommands: [
             ServeCommand.self, BitmapCommand.self, CheckpointCommand.self, QueryCommand.self,
-            BackupCommand.self, RestoreCommand.self, VerifyCommand.self,
+            BackupCommandListing.self, RestoreCommandListing.self, VerifyCommandListing.self,
         ]
     )
+
+    static func main() async {
+        BackupForwarding.execIfRequested(CommandLine.arguments)
+        await main(nil)
+    }
 }

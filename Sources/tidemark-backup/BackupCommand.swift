@@ -87,6 +87,7 @@ struct BackupCommand: ParsableCommand {
 
     struct Full: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "full",
             abstract: "Start a chain: copy every allocated range (holes stay unallocated).")
         @OptionGroup var common: Common
         @Option(help: "With --control: the bitmap to checkpoint, so the next incremental starts here.")
@@ -99,6 +100,7 @@ struct BackupCommand: ParsableCommand {
 
     struct Incremental: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "incremental",
             abstract: "Extend the chain with what the bitmap marks dirty.")
         @OptionGroup var common: Common
         @Option(help: "The bitmap whose qemu:dirty-bitmap:NAME context lists the changes (with --control: the live bitmap to checkpoint).")
