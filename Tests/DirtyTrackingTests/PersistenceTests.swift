@@ -308,6 +308,32 @@ struct PersistenceTests {
         }
     }
 
+    @Test("a store without bitmaps is not written until a persistent bitmap arrives; then it journals and saves")
+    func storeWithoutBitmapsStaysUntouched() throws {
+        let fixture = try Fixture()
+        let size: UInt64 = 4 * Self.region
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "scratch", persistent: false)
+            try Self.write(tracker, 0, 4096)
+            try tracker.saveIfNeeded()
+            try tracker.save(cleanShutdown: true)
+        }
+        #expect(try fixture.files() == ["lock"], "opening, writing and a clean stop wrote nothing")
+        do {
+            let (tracker, contents) = try fixture.tracker(size: size)
+            #expect(contents.bitmaps.isEmpty && !contents.recovered)
+            try tracker.add(name: "b0", persistent: true)
+            #expect(try fixture.manifest()["cleanShutdown"] as? Bool == false, "adding it marked the store in use")
+            try Self.write(tracker, Self.region, 512)
+            // No clean save: the stop is unclean, and the journal must carry the write.
+        }
+        let (_, contents) = try fixture.open(size: size)
+        #expect(contents.recovered)
+        #expect(contents.bitmaps.map(\.name) == ["b0"])
+        #expect(contents.bitmaps[0].bitmap == Self.bitmap(size: size, granularity: 65536, [(Self.region, Self.region)]))
+    }
+
     @Test("unclean stops without writes: generation counts them, no dirt appears")
     func uncleanWithoutWrites() throws {
         let fixture = try Fixture()

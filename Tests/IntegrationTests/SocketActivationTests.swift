@@ -29,5 +29,8 @@ struct SocketActivationTests {
         try ExternalTool.check(
             "nbdcopy", [source, "--", "[", TidemarkProcess.binaryPath, "serve", target, "]"], timeout: 60)
         #expect(try ImageFile.read(target) == ImageFile.read(source))
+        // With no bitmaps there is nothing to persist: the sidecar store holds only its lock.
+        let store = try FileManager.default.contentsOfDirectory(atPath: target + ".tidemark")
+        #expect(store == ["lock"], "\(store)")
     }
 }
