@@ -151,6 +151,20 @@ public final class RawImage: Sendable {
         return 0
     }
 
+    /// Starts the kernel's writeback of a freshly written range without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), for writes that stream data in.
+    ///
+    /// Why: left alone, the kernel writes dirty pages back only when gigabytes pile up or
+    /// after 30 s, so the FLUSH at the end of a copy (or the flush when the server stops)
+    /// waits for all of it. Writing back as the copy goes overlaps the disk with the
+    /// network: a 1 GiB nbdcopy into a captive `tidemark serve` took 0.87–1.37 s instead
+    /// of 1.6–2.7 s (6 rounds). Starting writeback of the whole file every 8 MiB instead
+    /// was slower (1.86–2.03 s). Advisory: errors are left to `flush`.
+    public func startWriteback(at offset: UInt64, length: UInt64) {
+        guard length > 0, offset <= UInt64(Int64.max), length <= UInt64(Int64.max) - offset else { return }
+        _ = clinuxio_start_writeback(fd, off_t(offset), off_t(length))
+    }
+
     /// Makes every completed write durable (`fdatasync`).
     public func flush() throws(StorageError) {
         guard fdatasync(fd) == 0 else { throw .ioFailed(operation: "fdatasync", errno: Glibc.errno) }

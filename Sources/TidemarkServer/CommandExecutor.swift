@@ -237,6 +237,10 @@ struct CommandExecutor {
 
     // MARK: - Write
 
+    /// Writes this large are bulk copies (nbdcopy, restores): their writeback starts as
+    /// they stream in, so the FLUSH or the stop that follows finds little left to write.
+    static let bulkWriteLength: UInt64 = 64 << 10
+
     private func write(
         cookie: UInt64, offset: UInt64, payload: ByteBuffer, fua: Bool, outbox: inout ByteBuffer
     ) -> CommandResult {
@@ -246,6 +250,7 @@ struct CommandExecutor {
             let image = export.image
             let done = payload.withUnsafeReadableBytes { image.writeIfNonBlocking($0, at: offset) }
             if done == payload.readableBytes {
+                if length >= Self.bulkWriteLength { image.startWriteback(at: offset, length: length) }
                 preparation.finish()
                 NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
                 return .written
@@ -260,7 +265,11 @@ struct CommandExecutor {
         return modify(cookie: cookie, command: .write, offset: offset, length: length, preparation: preparation) {
             (image) throws(StorageError) in
             try payload.withUnsafeReadableBytes { (bytes) throws(StorageError) in try image.write(bytes, at: offset) }
-            if fua { try image.flush() }
+            if fua {
+                try image.flush()
+            } else if length >= Self.bulkWriteLength {
+                image.startWriteback(at: offset, length: length)
+            }
         }
     }
 
