@@ -64,6 +64,7 @@ public final class NBDConnection: @unchecked Sendable {
         }
         try call("nbd_set_full_info") { nbd_set_full_info($0, configuration.fullInfo) }
         try call("nbd_set_opt_mode") { nbd_set_opt_mode($0, configuration.optMode) }
+        try call("nbd_set_pread_initialize") { nbd_set_pread_initialize($0, configuration.initializeReadBuffers) }
     }
 
     deinit {

@@ -28,6 +28,11 @@ public struct NBDConnectionConfiguration: Sendable {
     public var optMode: Bool = false
     /// Log libnbd's protocol trace to stderr (`nbd_set_debug`).
     public var debug: Bool = false
+    /// Zero every read buffer before reading into it (`nbd_set_pread_initialize`,
+    /// libnbd's default), so a failed read can never expose old memory. Callers that only
+    /// look at buffers of successful reads can turn it off and save a memset per read
+    /// (6% of a full backup's CPU).
+    public var initializeReadBuffers: Bool = true
 
     public init(
         exportName: String = "",
@@ -38,7 +43,8 @@ public struct NBDConnectionConfiguration: Sendable {
         requestBlockSize: Bool = true,
         fullInfo: Bool = false,
         optMode: Bool = false,
-        debug: Bool = false
+        debug: Bool = false,
+        initializeReadBuffers: Bool = true
     ) {
         self.exportName = exportName
         self.requestStructuredReplies = requestStructuredReplies
@@ -49,5 +55,6 @@ public struct NBDConnectionConfiguration: Sendable {
         self.fullInfo = fullInfo
         self.optMode = optMode
         self.debug = debug
+        self.initializeReadBuffers = initializeReadBuffers
     }
 }

@@ -29,8 +29,9 @@ public struct BackupJob: Sendable {
         public var recordedBitmap: String?
         /// Recorded in the manifest as the checkpoint.
         public var checkpoint: String?
-        /// Parallel connections (each with `window` reads in flight).
-        public var connections: Int = 1
+        /// Parallel connections (each with `window` reads in flight); nil: see
+        /// ``defaultConnections(canMultiConn:requests:)``.
+        public var connections: Int?
         /// Reads in flight per connection; nil: about 16 MiB in flight (see
         /// ``defaultWindow(requestSize:)``, for the plan's average request).
         public var window: Int?
@@ -114,11 +115,14 @@ public struct BackupJob: Sendable {
                 try writer.markZero(at: run.start, length: run.length)
                 extents.append(BackupManifest.Extent(offset: run.start, length: run.length, content: .zero))
             }
-            for _ in 1..<max(1, options.connections) {
-                connections.append(try BackupSource.openSecondary(uri: options.uri))
-            }
             let requestSize = options.requestSize ?? BackupSource.requestSize(for: primary)
             let requests = plan.copyRequests(requestSize: requestSize)
+            let connectionCount =
+                options.connections
+                ?? Self.defaultConnections(canMultiConn: (try? primary.canMultiConn) ?? false, requests: requests.count)
+            for _ in 1..<max(1, connectionCount) {
+                connections.append(try BackupSource.openSecondary(uri: options.uri))
+            }
             // Small scattered requests (an increment) need a deeper window than 4 MiB ones.
             let averageRequest = requests.isEmpty ? requestSize : plan.bytesToCopy / UInt64(requests.count)
             let puller = BackupPuller(
@@ -151,6 +155,18 @@ public struct BackupJob: Sendable {
             file: directory.file(imageName), manifest: directory.file(manifestName), index: index,
             kind: options.kind, virtualSize: virtualSize, bytesCopied: plan.bytesToCopy,
             bytesZeroed: plan.bytesToZero, durationSeconds: Date().timeIntervalSince(started))
+    }
+
+    /// Connections when not given: one per core, at most 4 (nbdcopy's default), when the
+    /// server allows several (`NBD_FLAG_CAN_MULTI_CONN`), but no more than there are
+    /// requests; otherwise one. Each connection's loop runs on its own thread, so receiving,
+    /// hashing and writing use every core. Measured on this 2-core machine, 1 GiB full
+    /// backup from Tidemark, 5 alternated rounds, medians: 1 connection 1.32 s, 2 1.06 s,
+    /// 4 1.12 s (nbdcopy to a file: 0.92 s).
+    public static func defaultConnections(canMultiConn: Bool, requests: Int) -> Int {
+        guard canMultiConn else { return 1 }
+        let cores = max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+        return max(1, min(4, cores, requests))
     }
 
     /// Reads in flight per connection when not given: about 16 MiB in flight, 2 to 64

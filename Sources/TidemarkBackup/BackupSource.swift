@@ -24,7 +24,9 @@ public enum BackupSource {
         let connection: NBDConnection
         var available: [String] = []
         do {
-            connection = try NBDConnection(NBDConnectionConfiguration(metaContexts: contexts, optMode: true))
+            // The puller reads only buffers of successful reads: no need to zero them first.
+            connection = try NBDConnection(
+                NBDConnectionConfiguration(metaContexts: contexts, optMode: true, initializeReadBuffers: false))
             try connection.connect(uri: uri)
             if bitmap != nil {
                 // Only for the error message: a server may not support listing.
@@ -51,7 +53,7 @@ public enum BackupSource {
     /// A plain connection for extra parallel reads.
     static func openSecondary(uri: String) throws(BackupError) -> NBDConnection {
         do {
-            let connection = try NBDConnection(NBDConnectionConfiguration())
+            let connection = try NBDConnection(NBDConnectionConfiguration(initializeReadBuffers: false))
             try connection.connect(uri: uri)
             return connection
         } catch {

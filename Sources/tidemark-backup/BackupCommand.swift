@@ -23,7 +23,8 @@ struct BackupCommand: ParsableCommand {
         @Argument(help: "NBD URI of the export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).")
         var uri: String
         @Argument(help: "Backup directory (created if missing).") var directory: String
-        @Option(help: "Parallel NBD connections.") var connections: Int = 1
+        @Option(help: "Parallel NBD connections (default: one per core, up to 4, when the server allows multi-conn; else 1).")
+        var connections: Int?
         @Option(help: "Reads in flight per connection (default: about 16 MiB in flight).") var inFlight: Int?
         @Option(help: "Bytes per read, a multiple of 65536 (default: the server's maximum block size, at most 4 MiB).")
         var requestSize: UInt64?
@@ -33,7 +34,9 @@ struct BackupCommand: ParsableCommand {
         @Flag(help: "Print a JSON summary on stdout.") var json = false
 
         func validate() throws {
-            guard (1...16).contains(connections) else { throw ValidationError("--connections must be 1 to 16") }
+            if let connections, !(1...16).contains(connections) {
+                throw ValidationError("--connections must be 1 to 16")
+            }
             if let inFlight, !(1...256).contains(inFlight) { throw ValidationError("--in-flight must be 1 to 256") }
             if let requestSize, requestSize == 0 || requestSize % 65536 != 0 || requestSize > 32 << 20 {
                 throw ValidationError("--request-size must be a multiple of 65536 up to 32 MiB")
