@@ -68,6 +68,17 @@ int clinuxio_start_writeback(int fd, off_t offset, off_t length) {
     return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE);
 }
 
+int clinuxio_drop_written(int fd, off_t offset, off_t length) {
+    unsigned int flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+    if (sync_file_range(fd, offset, length, flags) != 0) return -1;
+    int error = posix_fadvise(fd, offset, length, POSIX_FADV_DONTNEED);
+    if (error != 0) {
+        errno = error;
+        return -1;
+    }
+    return 0;
+}
+
 int clinuxio_is_block_device(int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return 0;

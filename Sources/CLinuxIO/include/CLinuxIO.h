@@ -40,6 +40,11 @@ ssize_t clinuxio_copy_range(int fd_in, int fd_out, off_t offset, size_t length);
 /// returns 0 or -1 with errno set.
 int clinuxio_start_writeback(int fd, off_t offset, off_t length);
 
+/// Waits until a range written earlier is on the disk (sync_file_range with WAIT_BEFORE,
+/// WRITE and WAIT_AFTER), then drops its pages from the page cache
+/// (posix_fadvise DONTNEED). Returns 0 or -1 with errno set.
+int clinuxio_drop_written(int fd, off_t offset, off_t length);
+
 /// True when the fd refers to a block device.
 int clinuxio_is_block_device(int fd);
 
