@@ -35,7 +35,9 @@ public final class Qcow2Writer: Sendable {
     public let backingFile: String?
     private let file: BackupFile
     private let state: Mutex<State>
-    /// Host bytes below this offset are on the disk and out of the page cache.
+    /// Host bytes below this offset were waited for and dropped from the page cache. (A
+    /// write still running below it, on a descheduled thread, stays cached; the final
+    /// fsync covers it.)
     private let droppedBehind = Mutex<UInt64>(0)
 
     /// How far behind the newest allocation data is waited for and dropped from the page
