@@ -127,7 +127,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["TestSupport", "NBDClient", "TidemarkBackup"],
+            dependencies: ["TestSupport", "NBDClient", "TidemarkBackup", "TidemarkControl"],
             swiftSettings: strictSettings
         ),
     ]

@@ -79,6 +79,11 @@ public enum JSONValue: Sendable, Equatable, Codable {
     }
 }
 
+extension JSONValue: CustomStringConvertible {
+    /// The compact serialisation, so values read well in logs and test failures.
+    public var description: String { serialized() }
+}
+
 extension JSONValue: ExpressibleByStringLiteral, ExpressibleByBooleanLiteral, ExpressibleByIntegerLiteral,
     ExpressibleByDictionaryLiteral, ExpressibleByArrayLiteral
 {

@@ -1,6 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
+import TidemarkControl
 import TidemarkBackup
 import TestSupport
 

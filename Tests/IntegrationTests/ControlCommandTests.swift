@@ -1,6 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
+import TidemarkControl
 
 /// Every control command over a raw QMP socket, with its errors: the bitmap commands,
 /// the queries, runtime exports and `quit` (in ControlQMPTests).

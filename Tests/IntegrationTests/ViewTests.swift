@@ -1,6 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
+import TidemarkControl
 
 #if canImport(Glibc)
 import Glibc

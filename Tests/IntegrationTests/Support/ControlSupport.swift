@@ -1,6 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
+import TidemarkControl
 
 #if canImport(Glibc)
 import Glibc
@@ -12,83 +13,21 @@ import Glibc
 
 // MARK: - JSON
 
-/// A JSON document as QMP carries it. Kept separate from Foundation's `Any` trees so
-/// tests can tell a boolean from a number and compare replies exactly.
-enum QMPJSON: Equatable, Codable, CustomStringConvertible, ExpressibleByStringLiteral, ExpressibleByIntegerLiteral,
-    ExpressibleByBooleanLiteral, ExpressibleByArrayLiteral, ExpressibleByDictionaryLiteral
-{
-    case null
-    case bool(Bool)
-    case int(Int64)
-    case double(Double)
-    case string(String)
-    case array([QMPJSON])
-    case object([String: QMPJSON])
+/// QMP replies and commands as the control plane's own JSON value, so tests can tell a
+/// boolean from a number and compare replies exactly. Parsing stays Foundation's decoder,
+/// not the server's parser, so a parser bug cannot hide in what the tests read.
+typealias QMPJSON = JSONValue
 
-    init(stringLiteral value: String) { self = .string(value) }
-    init(integerLiteral value: Int64) { self = .int(value) }
-    init(booleanLiteral value: Bool) { self = .bool(value) }
-    init(arrayLiteral elements: QMPJSON...) { self = .array(elements) }
-    init(dictionaryLiteral elements: (String, QMPJSON)...) {
-        self = .object(Dictionary(elements, uniquingKeysWith: { _, last in last }))
-    }
-
-    init(from decoder: any Decoder) throws {
-        let container = try decoder.singleValueContainer()
-        if container.decodeNil() {
-            self = .null
-        } else if let value = try? container.decode(Bool.self) {
-            self = .bool(value)
-        } else if let value = try? container.decode(Int64.self) {
-            self = .int(value)
-        } else if let value = try? container.decode(Double.self) {
-            self = .double(value)
-        } else if let value = try? container.decode(String.self) {
-            self = .string(value)
-        } else if let value = try? container.decode([QMPJSON].self) {
-            self = .array(value)
-        } else {
-            self = .object(try container.decode([String: QMPJSON].self))
-        }
-    }
-
-    func encode(to encoder: any Encoder) throws {
-        var container = encoder.singleValueContainer()
-        switch self {
-        case .null: try container.encodeNil()
-        case .bool(let value): try container.encode(value)
-        case .int(let value): try container.encode(value)
-        case .double(let value): try container.encode(value)
-        case .string(let value): try container.encode(value)
-        case .array(let value): try container.encode(value)
-        case .object(let value): try container.encode(value)
-        }
-    }
-
-    static func parse(_ text: String) throws -> QMPJSON {
+extension JSONValue {
+    static func parse(_ text: String) throws -> JSONValue {
         do {
-            return try JSONDecoder().decode(QMPJSON.self, from: Data(text.utf8))
+            return try JSONDecoder().decode(JSONValue.self, from: Data(text.utf8))
         } catch {
             throw HarnessError("not JSON: \(error)\n\(text)")
         }
     }
 
-    /// Compact, with sorted keys.
-    var serialized: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        guard let data = try? encoder.encode(self) else { return "null" }
-        return String(decoding: data, as: UTF8.self)
-    }
-
-    var description: String { serialized }
-
-    subscript(key: String) -> QMPJSON? {
-        if case .object(let members) = self { return members[key] }
-        return nil
-    }
-
-    subscript(index: Int) -> QMPJSON? {
+    subscript(index: Int) -> JSONValue? {
         if case .array(let elements) = self, elements.indices.contains(index) { return elements[index] }
         return nil
     }
@@ -96,8 +35,8 @@ enum QMPJSON: Equatable, Codable, CustomStringConvertible, ExpressibleByStringLi
     var stringValue: String? { if case .string(let value) = self { value } else { nil } }
     var intValue: Int64? { if case .int(let value) = self { value } else { nil } }
     var boolValue: Bool? { if case .bool(let value) = self { value } else { nil } }
-    var arrayValue: [QMPJSON]? { if case .array(let value) = self { value } else { nil } }
-    var objectValue: [String: QMPJSON]? { if case .object(let value) = self { value } else { nil } }
+    var arrayValue: [JSONValue]? { if case .array(let value) = self { value } else { nil } }
+    var objectValue: [String: JSONValue]? { if case .object(let value) = self { value } else { nil } }
 }
 
 // MARK: - A raw QMP client
@@ -188,7 +127,7 @@ final class QMPTestClient: @unchecked Sendable {
 
     func sendRaw(_ text: String) throws { try sendRaw(Array(text.utf8)) }
 
-    func send(_ message: QMPJSON) throws { try sendRaw(message.serialized + "\n") }
+    func send(_ message: QMPJSON) throws { try sendRaw(message.serialized() + "\n") }
 
     // MARK: Receiving
 
