@@ -210,10 +210,7 @@ struct ControlCheckpointTests {
         client.close()
         #expect(try fixture.server.stop() == .success)
 
-        let control = fixture.directory.file("qmp2.sock")
-        let restarted = try TidemarkProcess(
-            arguments: ["serve", fixture.image, "--unix", fixture.directory.file("nbd2.sock"), "--control", control],
-            directory: fixture.directory)
+        let (restarted, control) = try fixture.restart()
         defer { _ = try? restarted.stop() }
         let again = try QMPTestClient(path: control)
         let bitmaps = try ControlFixture.bitmaps(again)

@@ -325,6 +325,16 @@ final class ControlFixture: @unchecked Sendable {
         }
     }
 
+    /// A second server on the same image (after `server` stopped), on new sockets, and
+    /// the path of its control socket. The caller stops it.
+    func restart() throws -> (server: TidemarkProcess, controlPath: String) {
+        let control = directory.file("qmp2.sock")
+        let restarted = try TidemarkProcess(
+            arguments: ["serve", image, "--unix", directory.file("nbd2.sock"), "--control", control],
+            directory: directory)
+        return (restarted, control)
+    }
+
     /// A negotiated QMP client.
     func qmp(negotiate: Bool = true) throws -> QMPTestClient {
         try QMPTestClient(path: controlPath, negotiate: negotiate)
