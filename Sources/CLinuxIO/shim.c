@@ -64,8 +64,13 @@ ssize_t clinuxio_copy_range(int fd_in, int fd_out, off_t offset, size_t length) 
     return copy_file_range(fd_in, &in, fd_out, &out, length, 0);
 }
 
-int clinuxio_start_writeback(int fd, off_t offset, off_t length) {
-    return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE);
+int clinuxio_start_writeback(int fd, uint64_t offset, uint64_t length) {
+    if (length == 0) return 0;
+    if (offset > (uint64_t)INT64_MAX || length > (uint64_t)INT64_MAX - offset) {
+        errno = EINVAL;
+        return -1;
+    }
+    return sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE);
 }
 
 int clinuxio_drop_written(int fd, off_t offset, off_t length) {

@@ -37,8 +37,9 @@ int clinuxio_write_all(int fd, const void *bytes, size_t length);
 ssize_t clinuxio_copy_range(int fd_in, int fd_out, off_t offset, size_t length);
 
 /// sync_file_range(SYNC_FILE_RANGE_WRITE): starts writeback of a range without waiting;
-/// returns 0 or -1 with errno set.
-int clinuxio_start_writeback(int fd, off_t offset, off_t length);
+/// returns 0 or -1 with errno set. An empty range is a no-op (sync_file_range would take
+/// length 0 as "to the end of the file"); a range beyond off_t fails with EINVAL.
+int clinuxio_start_writeback(int fd, uint64_t offset, uint64_t length);
 
 /// Waits until a range written earlier is on the disk (sync_file_range with WAIT_BEFORE,
 /// WRITE and WAIT_AFTER), then drops its pages from the page cache
