@@ -22,8 +22,9 @@ public enum NBDReplyEncoder {
     public static func writeOffsetDataHeader(
         cookie: UInt64, offset: UInt64, length: UInt32, done: Bool, into buffer: inout ByteBuffer
     ) {
-        writeChunkHeader(cookie: cookie, type: NBDChunkType.offsetData, done: done, length: length + 8, into: &buffer)
-        buffer.writeInteger(offset)
+        buffer.writeMultipleIntegers(
+            NBDMagic.structuredReply, done ? NBDChunkType.flagDone : 0, NBDChunkType.offsetData, cookie, length + 8,
+            offset)
     }
 
     public static func writeOffsetHole(

@@ -31,6 +31,20 @@ public struct NBDRequestDecoder {
         return NBDRequest.headerSize + Int(length)
     }
 
+    /// Bytes still to come before the message at the front of `buffer` can be decoded:
+    /// what completes the header, then, for a WRITE, its payload. Zero when the message
+    /// is complete; nil while an oversized payload is drained, which takes any bytes.
+    ///
+    /// Lets the caller top up a message split across two socket reads with just the
+    /// bytes it lacks, instead of appending the whole second read.
+    public func bytesMissing(in buffer: ByteBuffer) -> Int? {
+        guard draining == nil else { return nil }
+        let available = buffer.readableBytes
+        guard available >= NBDRequest.headerSize else { return NBDRequest.headerSize - available }
+        guard let needed = bytesNeeded(in: buffer) else { return 0 }
+        return max(0, needed - available)
+    }
+
     /// Decodes at most one request from `buffer`.
     public mutating func decode(_ buffer: inout ByteBuffer) -> Result {
         if let (request, remaining) = draining {

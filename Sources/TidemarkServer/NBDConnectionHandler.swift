@@ -107,13 +107,50 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
-        if received == nil || received?.readableBytes == 0 {
+        guard var pending = received, pending.readableBytes > 0 else {
             received = incoming
-        } else {
-            received?.discardReadBytes()
-            received?.writeBuffer(&incoming)
+            processReceived(context: context)
+            return
         }
+        received = nil
+        if case .transmission = phase {
+            // A request straddles the two reads: top it up with only the bytes it lacks,
+            // then decode the rest of `incoming` where it lies instead of copying it all.
+            topUp(&pending, from: &incoming, context: context)
+            received = pending
+            processReceived(context: context)
+            guard incoming.readableBytes > 0 else { return }
+            if received == nil || received?.readableBytes == 0 {
+                received = incoming
+                processReceived(context: context)
+                return
+            }
+            // Reading is paused with requests still buffered: keep the rest behind them.
+            pending = received ?? ByteBuffer()
+            received = nil
+        }
+        pending.discardReadBytes()
+        pending.writeBuffer(&incoming)
+        received = pending
         processReceived(context: context)
+    }
+
+    /// Moves into `pending` the bytes of `incoming` that complete its first request.
+    private func topUp(_ pending: inout ByteBuffer, from incoming: inout ByteBuffer, context: ChannelHandlerContext) {
+        while incoming.readableBytes > 0, let missing = decoder.bytesMissing(in: pending), missing > 0 {
+            var part = incoming.readSlice(length: min(missing, incoming.readableBytes)) ?? ByteBuffer()
+            pending.writeBuffer(&part)
+            reserveForNextRequest(&pending, context: context)
+        }
+    }
+
+    /// Gives a partly received WRITE one buffer of its final size now, rather than
+    /// growing it through repeated appends.
+    private func reserveForNextRequest(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        guard let needed = decoder.bytesNeeded(in: buffer), buffer.capacity - buffer.readerIndex < needed else { return }
+        var grown = context.channel.allocator.buffer(capacity: needed)
+        grown.writeBuffer(&buffer)
+        buffer = grown
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -127,13 +164,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         runStateMachines(&buffer, context: context)
         if case .closed = phase { return }
         guard buffer.readableBytes > 0 else { return }
-        // Keep the partial message. A large WRITE gets one buffer of its final size now
-        // rather than growing through repeated appends.
-        if let needed = decoder.bytesNeeded(in: buffer), buffer.capacity - buffer.readerIndex < needed {
-            var grown = context.channel.allocator.buffer(capacity: needed)
-            grown.writeBuffer(&buffer)
-            buffer = grown
-        }
+        reserveForNextRequest(&buffer, context: context)
         received = buffer
     }
 

@@ -224,4 +224,27 @@ struct RequestDecoderTests {
         buffer.moveReaderIndex(forwardBy: 3)
         #expect(decoder.bytesNeeded(in: buffer) == 38)
     }
+
+    @Test("bytesMissing counts what completes the header, then a WRITE's payload")
+    func bytesMissing() {
+        let decoder = NBDRequestDecoder()
+        let write = Client.request(type: Wire.cmdWrite, length: 100) + [UInt8](repeating: 7, count: 100)
+        #expect(decoder.bytesMissing(in: ByteBuffer()) == 28)
+        #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write[0..<1])) == 27)
+        #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write[0..<28])) == 100)
+        #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write[0..<60])) == 68)
+        #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write)) == 0)
+        #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write + [1, 2, 3])) == 0)
+        #expect(decoder.bytesMissing(in: ByteBuffer(bytes: Client.request(type: Wire.cmdRead, length: 4096))) == 0)
+        // A WRITE too large to keep is drained, not buffered: nothing to top up.
+        #expect(decoder.bytesMissing(in: ByteBuffer(bytes: Client.request(type: Wire.cmdWrite, length: (32 << 20) + 1))) == 0)
+    }
+
+    @Test("bytesMissing is nil while an oversized payload is drained")
+    func bytesMissingWhileDraining() {
+        var decoder = NBDRequestDecoder()
+        var buffer = ByteBuffer(bytes: Client.request(type: Wire.cmdWrite, length: (32 << 20) + 1))
+        #expect(decoder.decode(&buffer).isNeedMoreData)
+        #expect(decoder.bytesMissing(in: buffer) == nil)
+    }
 }
