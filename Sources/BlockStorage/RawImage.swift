@@ -85,18 +85,8 @@ public final class RawImage: Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         try Self.checkRepresentable(offset, UInt64(buffer.count), size: size)
         guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if Glibc.errno == EINTR { continue }
-                throw .ioFailed(operation: "pread", errno: Glibc.errno)
-            }
-            if n == 0 {
-                UnsafeMutableRawBufferPointer(rebasing: buffer[done...]).initializeMemory(as: UInt8.self, repeating: 0)
-                return
-            }
-            done += n
+        guard clinuxio_pread_full(fd, base, buffer.count, off_t(offset)) == 0 else {
+            throw .ioFailed(operation: "pread", errno: Glibc.errno)
         }
     }
 
@@ -118,14 +108,8 @@ public final class RawImage: Sendable {
         guard !isReadOnly else { throw .readOnly }
         try Self.checkRepresentable(offset, UInt64(bytes.count), size: size)
         guard let base = bytes.baseAddress else { return }
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(fd, base + done, bytes.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if Glibc.errno == EINTR { continue }
-                throw .ioFailed(operation: "pwrite", errno: Glibc.errno)
-            }
-            done += n
+        guard clinuxio_pwrite_all(fd, base, bytes.count, off_t(offset)) == 0 else {
+            throw .ioFailed(operation: "pwrite", errno: Glibc.errno)
         }
     }
 

@@ -6,6 +6,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <malloc.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -54,6 +55,44 @@ int clinuxio_write_all(int fd, const void *bytes, size_t length) {
             return -1;
         }
         next += n;
+        length -= (size_t)n;
+    }
+    return 0;
+}
+
+int clinuxio_pwrite_all(int fd, const void *bytes, size_t length, off_t offset) {
+    const char *next = bytes;
+    while (length > 0) {
+        ssize_t n = pwrite(fd, next, length, offset);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (n == 0) {
+            errno = ENOSPC;
+            return -1;
+        }
+        next += n;
+        offset += n;
+        length -= (size_t)n;
+    }
+    return 0;
+}
+
+int clinuxio_pread_full(int fd, void *buffer, size_t length, off_t offset) {
+    char *next = buffer;
+    while (length > 0) {
+        ssize_t n = pread(fd, next, length, offset);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (n == 0) {
+            memset(next, 0, length);
+            return 0;
+        }
+        next += n;
+        offset += n;
         length -= (size_t)n;
     }
     return 0;

@@ -1,3 +1,5 @@
+import CLinuxIO
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -35,15 +37,9 @@ public final class BackupFile: @unchecked Sendable {
     /// Writes all of `bytes` at `offset`.
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(BackupError) {
         guard let base = bytes.baseAddress else { return }
-        var done = 0
-        while done < bytes.count {
-            let written = pwrite(descriptor, base + done, bytes.count - done, off_t(offset) + off_t(done))
-            if written < 0 {
-                if errno == EINTR { continue }
-                throw Self.failure(path, "write", errno)
-            }
-            if written == 0 { throw BackupError.diskFull(path: path) }
-            done += written
+        // A write that makes no progress fails with ENOSPC: disk full.
+        guard clinuxio_pwrite_all(descriptor, base, bytes.count, off_t(offset)) == 0 else {
+            throw Self.failure(path, "write", errno)
         }
     }
 
@@ -59,18 +55,8 @@ public final class BackupFile: @unchecked Sendable {
     /// Fills `buffer` from `offset`; bytes past the end of the file read as zeroes.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BackupError) {
         guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            let count = pread(descriptor, base + done, buffer.count - done, off_t(offset) + off_t(done))
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw Self.failure(path, "read", errno)
-            }
-            if count == 0 {
-                (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
-                return
-            }
-            done += count
+        guard clinuxio_pread_full(descriptor, base, buffer.count, off_t(offset)) == 0 else {
+            throw Self.failure(path, "read", errno)
         }
     }
 

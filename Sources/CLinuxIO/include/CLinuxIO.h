@@ -32,6 +32,14 @@ int clinuxio_fadvise_willneed(int fd, off_t offset, off_t length);
 /// with errno set (a write that makes no progress reports EIO).
 int clinuxio_write_all(int fd, const void *bytes, size_t length);
 
+/// pwrite(2) until all `length` bytes are written at `offset`, retrying on EINTR; returns
+/// 0, or -1 with errno set (a write that makes no progress reports ENOSPC).
+int clinuxio_pwrite_all(int fd, const void *bytes, size_t length, off_t offset);
+
+/// pread(2) until `length` bytes are read from `offset`, retrying on EINTR; bytes past
+/// the end of the file read as zeroes. Returns 0, or -1 with errno set.
+int clinuxio_pread_full(int fd, void *buffer, size_t length, off_t offset);
+
 /// copy_file_range between two files at the same offset, in the kernel; returns bytes
 /// copied (may be short; 0 at end of file) or -1 with errno set.
 ssize_t clinuxio_copy_range(int fd_in, int fd_out, off_t offset, size_t length);
