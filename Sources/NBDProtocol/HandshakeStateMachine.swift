@@ -57,8 +57,16 @@ public struct HandshakeStateMachine {
     private var selectedContexts: [NBDSelectedContext] = []
     private var contextsExport: String?
     private var optionCount = 0
+    private let offersStructuredReplies: Bool
 
-    public init() {}
+    /// `offersStructuredReplies: false` answers `NBD_OPT_STRUCTURED_REPLY` with
+    /// `NBD_REP_ERR_UNSUP`, as nbdkit's `--no-sr` does: clients then fall back to simple
+    /// replies, which is how an old server behaves and how to test a client against one.
+    /// Metadata contexts (block status, dirty bitmaps) need structured replies and are
+    /// then refused.
+    public init(offersStructuredReplies: Bool = true) {
+        self.offersStructuredReplies = offersStructuredReplies
+    }
 
     /// The flags the greeting advertises.
     public static let serverFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
@@ -141,6 +149,10 @@ public struct HandshakeStateMachine {
         case NBDOption.structuredReply:
             if data.readableBytes > 0 {
                 OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "structured reply takes no data", into: &output)
+            } else if !offersStructuredReplies {
+                OptionReplyWriter.error(
+                    option, NBDOptionReply.errorUnsupported, "structured replies are turned off on this server",
+                    into: &output)
             } else if structuredReplies {
                 OptionReplyWriter.error(
                     option, NBDOptionReply.errorInvalid, "structured replies already negotiated", into: &output)

@@ -38,7 +38,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let handshakeTimeout: TimeAmount
     private var logger: Logger
 
-    private var phase: Phase = .handshake(HandshakeStateMachine())
+    private var phase: Phase
     private var decoder = NBDRequestDecoder()
     private var received: ByteBuffer?
     /// Replies produced during this read burst, written to the socket in one go.
@@ -49,7 +49,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var readPending = false
     private var quiescing = false
 
-    init(registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, logger: Logger) {
+    init(
+        registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
+        logger: Logger
+    ) {
+        self.phase = .handshake(HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies))
         self.registry = registry
         self.pool = pool
         self.handshakeTimeout = handshakeTimeout

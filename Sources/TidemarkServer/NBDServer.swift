@@ -103,6 +103,7 @@ public final class NBDServer: Sendable {
         let pool = self.pool
         let logger = self.logger
         let timeout = configuration.handshakeTimeout
+        let offersStructuredReplies = configuration.offersStructuredReplies
         return ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -121,7 +122,9 @@ public final class NBDServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        NBDConnectionHandler(registry: registry, pool: pool, handshakeTimeout: timeout, logger: logger))
+                        NBDConnectionHandler(
+                            registry: registry, pool: pool, handshakeTimeout: timeout,
+                            offersStructuredReplies: offersStructuredReplies, logger: logger))
                 }
             }
     }

@@ -21,18 +21,23 @@ public struct ServerConfiguration: Sendable {
     public var eventLoopCount: Int
     /// Threads for cache misses, syncs and allocation changes.
     public var ioThreadCount: Int
+    /// Whether clients may negotiate structured replies (and with them block status).
+    /// Off only to behave like a server that predates them.
+    public var offersStructuredReplies: Bool
 
     public init(
         listeners: [Listener],
         maximumConnections: Int = 1024,
         handshakeTimeout: TimeAmount = .seconds(10),
         eventLoopCount: Int = System.coreCount,
-        ioThreadCount: Int = 4
+        ioThreadCount: Int = 4,
+        offersStructuredReplies: Bool = true
     ) {
         self.listeners = listeners
         self.maximumConnections = maximumConnections
         self.handshakeTimeout = handshakeTimeout
         self.eventLoopCount = eventLoopCount
         self.ioThreadCount = ioThreadCount
+        self.offersStructuredReplies = offersStructuredReplies
     }
 }

@@ -85,6 +85,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Threads for cache misses, syncs and allocation changes.")
     var ioThreads: Int = 4
 
+    @Flag(
+        help: ArgumentHelp(
+            "Refuse structured replies, as a server that predates them (nbdkit --no-sr).",
+            discussion: "Clients fall back to simple replies; block status and dirty bitmaps are then unavailable."))
+    var noStructuredReplies = false
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -124,7 +130,8 @@ struct ServeCommand: AsyncParsableCommand {
             maximumConnections: maxConnections,
             handshakeTimeout: .seconds(Int64(handshakeTimeout)),
             eventLoopCount: eventLoops ?? System.coreCount,
-            ioThreadCount: max(1, ioThreads)
+            ioThreadCount: max(1, ioThreads),
+            offersStructuredReplies: !noStructuredReplies
         )
         let server = NBDServer(configuration: configuration, registry: registry, logger: logger)
         let shutdown = ShutdownTrigger(signals: [SIGINT, SIGTERM])

@@ -48,6 +48,27 @@ struct CommandTests {
         #expect(try connection.pread(count: 65536, offset: 8192) == ImageFile.pattern(count: 65536, offset: 8192))
     }
 
+    @Test("--no-structured-replies: libnbd falls back to simple replies; reads, writes and zeroes work")
+    func serverWithoutStructuredReplies() throws {
+        let fixture = try ServerFixture(filled: true, extraArguments: ["--no-structured-replies"])
+        let connection = try fixture.connect { $0.strictMode = [] }
+        #expect(try !connection.structuredRepliesNegotiated)
+        #expect(try !connection.canDF)
+        #expect(try !connection.canMetaContext("base:allocation"))
+        #expect(try connection.pread(count: 65536, offset: 8192) == ImageFile.pattern(count: 65536, offset: 8192))
+        let data = ImageFile.pattern(count: 4096, offset: 0, seed: 3)
+        try connection.pwrite(data, offset: 1 << 20)
+        try connection.zero(count: 4096, offset: 2 << 20)
+        #expect(try connection.pread(count: 4096, offset: 1 << 20) == data)
+        #expect(try connection.pread(count: 4096, offset: 2 << 20) == ImageFile.constant(0, count: 4096))
+        // A read past the end (libnbd's own bounds check off) gets a simple error reply
+        // with no data; the connection goes on.
+        expectErrno(EINVAL, "READ past the end") {
+            _ = try connection.pread(count: 4096, offset: UInt64(ServerFixture.defaultSize))
+        }
+        #expect(try connection.pread(count: 512, offset: 0) == ImageFile.pattern(count: 512, offset: 0))
+    }
+
     @Test("WRITE then READ round-trips, on the wire and in the file", arguments: [
         (offset: 0, count: 512),
         (offset: 4096, count: 4096),

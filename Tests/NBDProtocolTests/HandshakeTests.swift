@@ -234,6 +234,23 @@ struct HandshakeOptionTests {
         #expect(driver.session?.structuredReplies == true)
     }
 
+    @Test("with structured replies turned off, STRUCTURED_REPLY gets ERR_UNSUP and negotiation goes on without them")
+    func structuredRepliesTurnedOff() throws {
+        var driver = HandshakeDriver.negotiating(offersStructuredReplies: false)
+        for _ in 0..<2 {
+            let replies = try driver.send(Client.structuredReply)
+            #expect(replies.map(\.type) == [Wire.errUnsup])
+            #expect(replies.first?.option == Wire.optStructuredReply)
+        }
+        // No metadata contexts without structured replies.
+        #expect(try driver.send(Client.setMeta("disk", ["base:allocation"])).map(\.type) == [Wire.errInvalid])
+        _ = driver.feed(Client.go("disk"))
+        let session = try #require(driver.session)
+        #expect(session.structuredReplies == false)
+        #expect(session.metaContexts.isEmpty)
+        #expect(!session.transmissionFlags.contains(.sendDF))
+    }
+
     @Test("STRUCTURED_REPLY with data gets ERR_INVALID and does not negotiate")
     func structuredReplyWithData() throws {
         var driver = HandshakeDriver.negotiating()

@@ -14,13 +14,16 @@ struct HandshakeDriver {
     var outcome: HandshakeAction = .needMoreData
     var ended = false
 
-    init(catalog: TestCatalog = .standard) {
+    init(catalog: TestCatalog = .standard, offersStructuredReplies: Bool = true) {
         self.catalog = catalog
+        machine = HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies)
     }
 
     /// A driver that already sent client flags (fixed newstyle + no zeroes by default).
-    static func negotiating(flags: UInt32 = 3, catalog: TestCatalog = .standard) -> HandshakeDriver {
-        var driver = HandshakeDriver(catalog: catalog)
+    static func negotiating(
+        flags: UInt32 = 3, catalog: TestCatalog = .standard, offersStructuredReplies: Bool = true
+    ) -> HandshakeDriver {
+        var driver = HandshakeDriver(catalog: catalog, offersStructuredReplies: offersStructuredReplies)
         _ = driver.feed(Client.flags(flags))
         return driver
     }
