@@ -38,20 +38,15 @@ struct CommandTests {
         #expect(try ImageFile.read(fixture.image, offset: 999_998, count: 5) == [1, 2, 3, 4, 5])
     }
 
-    @Test("without structured replies: no DF, no metadata contexts, reads still work")
-    func withoutStructuredReplies() throws {
-        let fixture = try ServerFixture(filled: true)
-        let connection = try fixture.connect { $0.requestStructuredReplies = false }
-        #expect(try !connection.structuredRepliesNegotiated)
-        #expect(try !connection.canDF)
-        #expect(try !connection.canMetaContext("base:allocation"))
-        #expect(try connection.pread(count: 65536, offset: 8192) == ImageFile.pattern(count: 65536, offset: 8192))
-    }
-
-    @Test("--no-structured-replies: libnbd falls back to simple replies; reads, writes and zeroes work")
-    func serverWithoutStructuredReplies() throws {
-        let fixture = try ServerFixture(filled: true, extraArguments: ["--no-structured-replies"])
-        let connection = try fixture.connect { $0.strictMode = [] }
+    @Test(
+        "without structured replies (the client does not ask, or the server refuses with --no-structured-replies): simple replies, no DF, no metadata contexts; reads, writes, zeroes and errors work",
+        arguments: [false, true])
+    func withoutStructuredReplies(serverRefuses: Bool) throws {
+        let fixture = try ServerFixture(filled: true, extraArguments: serverRefuses ? ["--no-structured-replies"] : [])
+        let connection = try fixture.connect { configuration in
+            configuration.requestStructuredReplies = serverRefuses
+            configuration.strictMode = []
+        }
         #expect(try !connection.structuredRepliesNegotiated)
         #expect(try !connection.canDF)
         #expect(try !connection.canMetaContext("base:allocation"))
