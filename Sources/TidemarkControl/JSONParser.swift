@@ -1,8 +1,10 @@
 /// A strict JSON parser (RFC 8259) for QMP input.
 ///
-/// Strict where Foundation's decoder is lenient: trailing commas, comments and bare
-/// words are errors, as in QEMU. Nesting is bounded so hostile input cannot exhaust the
-/// stack.
+/// Strict where Foundation's decoder is lenient: trailing commas, comments, bare
+/// words and duplicate member names are errors, as in QEMU. Duplicate keys matter: with
+/// last-wins parsing `{"execute":"query-version","execute":"quit"}` would run a command
+/// that a filter or log looking at the first key never saw. Nesting is bounded so hostile
+/// input cannot exhaust the stack.
 struct JSONParser {
     struct Failure: Error, CustomStringConvertible {
         var message: String
@@ -74,7 +76,11 @@ struct JSONParser {
         while true {
             skipWhitespace()
             guard current == UInt8(ascii: "\"") else { throw failure("expected a member name") }
+            let keyOffset = position
             let key = try parseString()
+            guard members[key] == nil else {
+                throw Failure(message: "Duplicate key '\(key)'", offset: keyOffset)
+            }
             skipWhitespace()
             guard current == UInt8(ascii: ":") else { throw failure("expected ':'") }
             position += 1

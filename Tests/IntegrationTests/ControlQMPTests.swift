@@ -124,6 +124,27 @@ struct ControlQMPTests {
         ) { $0.hasPrefix("JSON parse error") }
     }
 
+    @Test("duplicate keys are a parse error (as in QEMU), never a command: execute twice does not quit the server")
+    func duplicateKeys() throws {
+        let fixture = try ControlFixture()
+        let client = try fixture.qmp()
+        Self.expectInputError(client, sending: #"{"execute":"query-version","execute":"quit"}"# + "\n", "execute twice") {
+            $0.hasPrefix("JSON parse error") && $0.contains("Duplicate key 'execute'")
+        }
+        Self.expectInputError(
+            client, sending: #"{"execute":"block-dirty-bitmap-add","arguments":{"node":"disk","name":"a","name":"b"}}"# + "\n",
+            "a duplicate argument"
+        ) { $0.contains("Duplicate key 'name'") }
+        #expect(try ControlFixture.bitmaps(client).isEmpty, "the command with a duplicate argument must not have run")
+        // The server still runs and serves: a new client and the data path both work.
+        #expect(fixture.server.isRunning)
+        let second = try fixture.qmp()
+        #expect(try second.run("query-version")["package"] == "tidemark")
+        let connection = try fixture.connect()
+        #expect(try connection.pread(count: 512, offset: 0).count == 512)
+        try connection.shutdown()
+    }
+
     @Test("a top-level string holding a brace is one error; the next command is answered")
     func stringWithBrace() throws {
         let fixture = try ControlFixture()

@@ -98,6 +98,27 @@ struct JSONValueTests {
         }
     }
 
+    @Test("a duplicate member name is refused in any object, naming the key (as QEMU does)")
+    func duplicateKeys() throws {
+        let cases = [
+            (#"{"execute":"query-version","execute":"quit"}"#, "execute"),
+            (#"{"execute":"x","arguments":{"node":"a","name":"b","node":"c"}}"#, "node"),
+            (#"[{"a":1},{"b":1,"b":1}]"#, "b"),
+            (#"{"\u0061":1,"a":2}"#, "a"),
+        ]
+        for (text, key) in cases {
+            do {
+                let value = try JSONValue.parse(Array(text.utf8))
+                Issue.record("\(text) was accepted as \(value)")
+            } catch {
+                #expect("\(error)".contains("Duplicate key '\(key)'"), "\(text): \(error)")
+            }
+        }
+        // The same name in sibling or nested objects is not a duplicate.
+        let fine = try JSONValue.parse(Array(#"{"a":{"a":1},"b":[{"a":2},{"a":3}]}"#.utf8))
+        #expect(fine["a"] == ["a": 1])
+    }
+
     @Test("trailing commas are malformed JSON (QEMU's parser refuses them)")
     func trailingCommas() {
         for text in [#"{"a":1,}"#, #"[1,]"#] {
@@ -283,6 +304,27 @@ struct QMPClientTests {
     func closedMidCommand() throws {
         let peer = try ScriptedQMPPeer(greeting: Self.greeting, replies: [[#"{"return": {}, "id": 1}"#], []])
         let client = try QMPClient(socketPath: peer.path)
-        #expect(throws: QMPError(.genericError, "the server closed the control connection")) { try client.execute("quit") }
+        #expect(throws: QMPError(.genericError, "the server closed the control connection; is it still running?")) {
+            try client.execute("quit")
+        }
+    }
+
+    @Test("writing to a server that is gone is the same clear error (EPIPE, with SIGPIPE ignored as the executables do)")
+    func writeAfterServerClosed() throws {
+        signal(SIGPIPE, SIG_IGN)
+        let peer = try ScriptedQMPPeer(greeting: Self.greeting, replies: [[#"{"return": {}, "id": 1}"#]])
+        let client = try QMPClient(socketPath: peer.path)
+        peer.wait()
+        // The peer has closed: the first command may fail on its write (EPIPE) or on the
+        // read (end of file); later ones fail on the write. Both say what happened.
+        for _ in 0..<3 {
+            do {
+                _ = try client.execute("query-version", ["padding": .string(String(repeating: "x", count: 300_000))])
+                Issue.record("a command to a closed server succeeded")
+            } catch {
+                #expect(error.desc.hasPrefix("the server closed the control connection"), "\(error)")
+                #expect(error.desc.contains("still running"), "\(error)")
+            }
+        }
     }
 }
