@@ -12,6 +12,8 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
     case storeCorrupt(path: String, reason: String)
     case storeIOFailed(path: String, reason: String)
     case storeLocked(path: String)
+    /// More than `BitmapLimits.maximumGranules` granules; nil when no granularity fits.
+    case bitmapTooLarge(name: String, imageSize: UInt64, granularity: UInt64, smallestGranularity: UInt64?)
 
     public var description: String {
         switch self {
@@ -37,6 +39,16 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
             return "bitmap store '\(path)': \(reason)"
         case .storeLocked(let path):
             return "bitmap store '\(path)' is held by a running server; stop that server first"
+        case .bitmapTooLarge(let name, let imageSize, let granularity, let smallest):
+            let granules = BitmapLimits.granules(imageSize: imageSize, granularity: granularity) ?? 0
+            let mebibytes = (granules + (8 << 20) - 1) / (8 << 20)
+            let image = BitmapLimits.describe(bytes: imageSize)
+            let limit = "a bitmap may have at most \(BitmapLimits.maximumGranules) granules, 32 MiB of bits"
+            guard let smallest else {
+                return "bitmap '\(name)' would need \(mebibytes) MiB; no granularity fits this \(image) image: \(limit)"
+            }
+            return "bitmap '\(name)' would need \(mebibytes) MiB at granularity \(BitmapLimits.describe(bytes: granularity)); "
+                + "use granularity ≥ \(BitmapLimits.describe(bytes: smallest)) (\(smallest)) for this \(image) image: \(limit)"
         }
     }
 }

@@ -24,6 +24,7 @@ extension DirtyTracker.State {
         case .add(let name, let granularity, let persistent, let recording):
             try Self.checkName(name)
             guard BitmapLimits.isValidGranularity(granularity) else { throw .invalidGranularity(granularity) }
+            try BitmapLimits.checkSize(name: name, imageSize: size, granularity: granularity)
             if persistent && !hasStore {
                 throw .storeUnavailable("this image has no bitmap store; add the bitmap with persistent=false")
             }
