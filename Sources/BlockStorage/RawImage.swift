@@ -27,10 +27,21 @@ public final class RawImage: Sendable {
     /// - Parameters:
     ///   - path: a regular file or a block device.
     ///   - readOnly: open with `O_RDONLY`; every mutating call then throws `.readOnly`.
+    ///
+    /// Opening never blocks: a FIFO opened for reading would wait for a writer (stalling
+    /// the control thread that runs `block-export-add`), and a device may wait for
+    /// carrier. So the file is opened with `O_NONBLOCK`, checked with `fstat`, and only a
+    /// regular file or block device gets its descriptor switched back to blocking I/O.
+    /// - Throws: `.unsupportedFileType` for anything else (FIFO, socket, character
+    ///   device, directory), `.openFailed` when the kernel refuses the open.
     public init(path: String, readOnly: Bool) throws(StorageError) {
-        let flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
+        let flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK
         let fd = Glibc.open(path, flags)
-        guard fd >= 0 else { throw .openFailed(path: path, errno: Glibc.errno) }
+        guard fd >= 0 else {
+            let code = Glibc.errno
+            if code == EISDIR { throw .unsupportedFileType(path: path, kind: "a directory") }
+            throw .openFailed(path: path, errno: code)
+        }
         var info = stat()
         guard fstat(fd, &info) == 0 else {
             let code = Glibc.errno
@@ -38,6 +49,16 @@ public final class RawImage: Sendable {
             throw .openFailed(path: path, errno: code)
         }
         let kind = info.st_mode & S_IFMT
+        guard kind == S_IFREG || kind == S_IFBLK else {
+            close(fd)
+            throw .unsupportedFileType(path: path, kind: Self.describe(fileType: kind))
+        }
+        let status = fcntl(fd, F_GETFL)
+        guard status >= 0, fcntl(fd, F_SETFL, status & ~O_NONBLOCK) == 0 else {
+            let code = Glibc.errno
+            close(fd)
+            throw .openFailed(path: path, errno: code)
+        }
         if kind == S_IFBLK {
             var bytes: UInt64 = 0
             guard clinuxio_block_device_size(fd, &bytes) == 0 else {
@@ -52,11 +73,23 @@ public final class RawImage: Sendable {
             self.isBlockDevice = false
         } else {
             close(fd)
-            throw .unsupportedFileType(path: path)
+            throw .unsupportedFileType(path: path, kind: Self.describe(fileType: kind))
         }
         self.fd = fd
         self.path = path
         self.isReadOnly = readOnly
+    }
+
+    /// What a file that is not an image is, for error messages.
+    static func describe(fileType kind: mode_t) -> String {
+        switch kind {
+        case S_IFIFO: return "a FIFO (named pipe)"
+        case S_IFCHR: return "a character device"
+        case S_IFDIR: return "a directory"
+        case S_IFSOCK: return "a socket"
+        case S_IFLNK: return "a symbolic link"
+        default: return "not a regular file"
+        }
     }
 
     /// Creates a sparse regular file of `size` bytes if nothing exists at `path`.

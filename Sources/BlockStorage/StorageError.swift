@@ -7,8 +7,8 @@ import Glibc
 public enum StorageError: Error, Equatable, CustomStringConvertible {
     /// The image could not be opened or created.
     case openFailed(path: String, errno: Int32)
-    /// The image is neither a regular file nor a block device.
-    case unsupportedFileType(path: String)
+    /// The image is neither a regular file nor a block device; `kind` says what it is.
+    case unsupportedFileType(path: String, kind: String)
     /// A read, write, sync or allocation call failed.
     case ioFailed(operation: String, errno: Int32)
     /// The operation needs a writable image.
@@ -36,8 +36,8 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
         switch self {
         case .openFailed(let path, let code):
             return "cannot open image '\(path)': \(String(cString: strerror(code)))"
-        case .unsupportedFileType(let path):
-            return "'\(path)' is not a regular file or a block device"
+        case .unsupportedFileType(let path, let kind):
+            return "'\(path)' is \(kind), not an image: export a regular file or a block device"
         case .ioFailed(let operation, let code):
             return "\(operation) failed: \(String(cString: strerror(code)))"
         case .readOnly:

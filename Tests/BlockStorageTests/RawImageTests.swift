@@ -363,24 +363,56 @@ struct RawImageTests {
     @Test("opening a directory read-only fails with unsupportedFileType")
     func directoryReadOnly() throws {
         let directory = try TemporaryDirectory()
-        #expect(throws: StorageError.unsupportedFileType(path: directory.path)) {
+        #expect(throws: StorageError.unsupportedFileType(path: directory.path, kind: "a directory")) {
             try RawImage(path: directory.path, readOnly: true)
         }
     }
 
-    @Test("opening a directory for writing fails (the kernel refuses it first: EISDIR)")
+    @Test("opening a directory for writing is an unsupported file type too (the kernel's EISDIR)")
     func directoryWritable() throws {
         let directory = try TemporaryDirectory()
-        #expect(throws: StorageError.openFailed(path: directory.path, errno: EISDIR)) {
+        #expect(throws: StorageError.unsupportedFileType(path: directory.path, kind: "a directory")) {
             try RawImage(path: directory.path, readOnly: false)
         }
     }
 
-    @Test("a character device is an unsupported file type")
+    @Test("a character device is an unsupported file type, read-only or writable")
     func characterDevice() {
-        #expect(throws: StorageError.unsupportedFileType(path: "/dev/null")) {
-            try RawImage(path: "/dev/null", readOnly: true)
+        for readOnly in [true, false] {
+            #expect(throws: StorageError.unsupportedFileType(path: "/dev/null", kind: "a character device")) {
+                try RawImage(path: "/dev/null", readOnly: readOnly)
+            }
         }
+        #expect(
+            StorageError.unsupportedFileType(path: "/dev/null", kind: "a character device").description
+                == "'/dev/null' is a character device, not an image: export a regular file or a block device")
+    }
+
+    @Test("a FIFO is refused at once, without waiting for a writer, read-only or writable")
+    func fifo() throws {
+        let directory = try TemporaryDirectory()
+        let path = directory.file("pipe")
+        #expect(mkfifo(path, 0o600) == 0)
+        for readOnly in [true, false] {
+            let start = ContinuousClock.now
+            #expect(throws: StorageError.unsupportedFileType(path: path, kind: "a FIFO (named pipe)")) {
+                try RawImage(path: path, readOnly: readOnly)
+            }
+            #expect(ContinuousClock.now - start < .seconds(1))
+        }
+    }
+
+    @Test("a regular file still reads and writes after the non-blocking open")
+    func regularFileIsBlocking() throws {
+        let directory = try TemporaryDirectory()
+        let path = directory.file("image.raw")
+        let fd = creat(path, 0o600)
+        #expect(fd >= 0)
+        close(fd)
+        #expect(truncate(path, 1 << 20) == 0)
+        let image = try RawImage(path: path, readOnly: false)
+        try image.write(pattern(4096, seed: 9), at: 8192)
+        #expect(try image.readBytes(4096, at: 8192) == pattern(4096, seed: 9))
     }
 
     @Test("a missing file fails with openFailed(ENOENT)")
@@ -399,7 +431,7 @@ struct RawImageTests {
     @Test("errors map to the errno callers translate into protocol errors")
     func errnoMapping() {
         #expect(StorageError.ioFailed(operation: "pread", errno: EIO).errno == EIO)
-        #expect(StorageError.unsupportedFileType(path: "x").errno == EINVAL)
+        #expect(StorageError.unsupportedFileType(path: "x", kind: "a FIFO (named pipe)").errno == EINVAL)
         #expect(StorageError.outOfRange(offset: 1, length: 2, size: 0).errno == EINVAL)
         #expect(StorageError.notSupported(operation: "x").errno == EOPNOTSUPP)
         #expect(StorageError.readOnly.errno == EROFS)
