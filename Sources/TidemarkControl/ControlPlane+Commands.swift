@@ -4,6 +4,10 @@ import Logging
 import NIOCore
 import TidemarkServer
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 extension ControlPlane {
     /// Every command, as `query-commands` lists them.
     static let commandNames: [String] = [
@@ -49,7 +53,7 @@ extension ControlPlane {
         case "query-block-exports":
             _ = try QMPArguments(arguments, allowed: [])
             return .array(registry.all.map { export in
-                ["id": .string(export.name), "type": "nbd", "node-name": .string(export.name), "shutting-down": false]
+                ["id": .string(export.id), "type": "nbd", "node-name": .string(export.name), "shutting-down": false]
             })
         case "query-named-block-nodes":
             _ = try QMPArguments(arguments, allowed: ["flat"])
@@ -209,6 +213,10 @@ extension ControlPlane {
 
     // MARK: - Exports
 
+    /// `block-export-add`: `id` is the export's identity for QMP (as in QEMU:
+    /// `query-block-exports` reports it, `block-export-del` takes it); `name` is what NBD
+    /// clients ask for and what bitmap commands take as `node` (default: `node-name`, else
+    /// `id`). Both must be unused.
     func addExport(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
         if let type = try arguments.optionalString("type"), type != "nbd" {
             throw QMPError(.genericError, "Invalid parameter 'type': only 'nbd' exports exist")
@@ -219,50 +227,101 @@ extension ControlPlane {
         }
         let nodeName = try arguments.optionalString("node-name")
         let name = try arguments.optionalString("name") ?? nodeName ?? id
+        guard !id.isEmpty, id.utf8.count <= 4096 else {
+            throw QMPError(.genericError, "export ids are 1 to 4096 bytes")
+        }
         guard !name.isEmpty, name.utf8.count <= 4096 else {
             throw QMPError(.genericError, "export names are 1 to 4096 bytes")
         }
+        guard registry.export(id: id) == nil else {
+            throw QMPError(.genericError, ServerError.duplicateExportID(id).description)
+        }
         guard registry.export(named: name) == nil else {
-            throw QMPError(.genericError, "Block export id '\(name)' is already in use")
+            throw QMPError(.genericError, "NBD server already has export named '\(name)'")
         }
         let readOnly = !(try arguments.bool("writable", default: false))
         let description = try arguments.optionalString("description") ?? ""
         let export: Export
         do {
             export = try ExportOpener.open(
-                name: name, path: path, readOnly: readOnly, description: description, bitmaps: [], logger: logger)
+                id: id, name: name, path: path, readOnly: readOnly, description: description, bitmaps: [], logger: logger)
         } catch {
             throw QMPError(.genericError, "\(error)")
         }
         do {
             try registry.add(export)
         } catch {
+            try? export.tracker.save(cleanShutdown: true)
             throw QMPError(.genericError, error.description)
         }
         return [:]
     }
 
+    /// `block-export-del`: by `id`, or by the name of a view's export (a view's id is its
+    /// name). The removed export's bitmaps are saved as cleanly closed, so re-adding the
+    /// image loads them at the same generation, and its store is unlocked as the tracker
+    /// goes. NBD clients still attached keep the export (and may write) until they
+    /// disconnect: the command waits up to `exportReleaseWait` for them; if some remain,
+    /// the store is saved marked unclean, so the next open replays the journal and no
+    /// dirty bit is lost.
     func deleteExport(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
         let id = try arguments.string("id")
-        if let (origin, checkpoint) = registry.viewOrigin(of: id) {
+        if registry.export(id: id) == nil, let (origin, checkpoint) = registry.viewOrigin(of: id) {
             // A view's two exports share its sidecar: both go, the checkpoint stays pending.
             closeView(of: origin, checkpoint: checkpoint)
             return [:]
         }
-        guard let live = registry.export(named: id), !id.isEmpty else {
-            throw QMPError(.genericError, "Export '\(id)' is not found")
+        let name: String
+        var tracker: DirtyTracker
+        do {
+            // Scoped, so that this function's reference to the export is gone below.
+            guard !id.isEmpty, let removed = registry.remove(id: id) else {
+                throw QMPError(.genericError, "Export '\(id)' is not found")
+            }
+            name = removed.name
+            tracker = retire(removed)
         }
-        for entry in live.openViews?.all ?? [] { closeView(of: live, checkpoint: entry.checkpoint) }
-        guard let export = registry.remove(named: id) else {
-            throw QMPError(.genericError, "Export '\(id)' is not found")
+        let unused = Self.waitUntilUnused(&tracker, timeout: Self.exportReleaseWait)
+        if !unused {
+            logger.warning(
+                "export '\(name)' removed while NBD clients still use it; its bitmaps stay marked unclean until the next open")
         }
         do {
-            try export.tracker.save(cleanShutdown: false)
+            try tracker.save(cleanShutdown: unused)
         } catch {
-            logger.error("saving bitmaps of removed export '\(id)' failed: \(error)")
+            logger.error("saving bitmaps of removed export '\(name)' failed: \(error)")
         }
         emit("BLOCK_EXPORT_DELETED", ["id": .string(id)])
         return [:]
+    }
+
+    /// How long `block-export-del` waits for connections to let go of the export: a client
+    /// that just disconnected is released within milliseconds.
+    static let exportReleaseWait: Duration = .seconds(1)
+
+    /// Closes the views of a removed export and flushes its image.
+    /// - Returns: its tracker, the only thing of it the caller keeps.
+    private func retire(_ export: Export) -> DirtyTracker {
+        for entry in export.openViews?.all ?? [] { closeView(of: export, checkpoint: entry.checkpoint) }
+        if !export.isReadOnly {
+            do {
+                try export.image.flush()
+            } catch {
+                logger.error("flushing removed export '\(export.name)' failed: \(error)")
+            }
+        }
+        return export.tracker
+    }
+
+    /// True once `tracker` is referenced only by the caller (no connection or view holds
+    /// it any more), false if that does not happen within `timeout`.
+    private static func waitUntilUnused(_ tracker: inout DirtyTracker, timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while !isKnownUniquelyReferenced(&tracker) {
+            guard ContinuousClock.now < deadline else { return false }
+            usleep(10_000)
+        }
+        return true
     }
 
     /// Closes a checkpoint's view, if open, and tells every client its exports are gone.

@@ -23,6 +23,11 @@ public final class Export: Sendable {
         case view(PointInTimeView, increment: String, changesOnly: Bool)
     }
 
+    /// The export's identity for management (QMP's block export `id`, as QEMU keys
+    /// exports): `query-block-exports` reports it and `block-export-del` takes it. The
+    /// same as `name` for exports from the command line and for views.
+    public let id: String
+    /// The name NBD clients ask for, and the `node` of bitmap and checkpoint commands.
     public let name: String
     public let description: String
     public let image: RawImage
@@ -32,8 +37,13 @@ public final class Export: Sendable {
     public let content: Content
 
     /// A live export.
-    /// - Parameter tracker: the image's bitmaps; a fresh in-memory tracker by default.
-    public init(name: String, description: String, image: RawImage, readOnly: Bool, tracker: DirtyTracker? = nil) {
+    /// - Parameters:
+    ///   - id: the management id; `name` when nil.
+    ///   - tracker: the image's bitmaps; a fresh in-memory tracker by default.
+    public init(
+        id: String? = nil, name: String, description: String, image: RawImage, readOnly: Bool, tracker: DirtyTracker? = nil
+    ) {
+        self.id = id ?? name
         self.name = name
         self.description = description
         self.image = image
@@ -44,6 +54,7 @@ public final class Export: Sendable {
 
     /// A read-only view export of `live` at checkpoint `increment`.
     public init(name: String, viewOf live: Export, view: PointInTimeView, increment: String, changesOnly: Bool) {
+        self.id = name
         self.name = name
         self.description =
             changesOnly

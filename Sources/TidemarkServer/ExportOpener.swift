@@ -20,19 +20,25 @@ public enum ExportOpener {
         }
     }
 
-    /// Opens `path` as export `name`.
+    /// Opens `path` as export `name`, with management id `id` (`name` when nil).
     ///
     /// Writable regular files always get their sidecar store (`PATH.tidemark/`), so
     /// persistent bitmaps can be added at any time and two servers cannot write one image
     /// unknowingly; read-only images and block devices get one when it exists or bitmaps
     /// are asked for. A damaged store is reported (naming the file) and the image is
     /// served without its bitmaps; a store held elsewhere is an error for a writable export.
+    /// A requested bitmap too large for the image (`BitmapLimits.maximumGranules`) is an
+    /// error, before the store is opened.
     public static func open(
-        name: String, path: String, readOnly: Bool, description: String, bitmaps: [BitmapRequest], logger: Logger
+        id: String? = nil, name: String, path: String, readOnly: Bool, description: String, bitmaps: [BitmapRequest],
+        logger: Logger
     ) throws -> Export {
         let image = try RawImage(path: path, readOnly: readOnly)
+        for bitmap in bitmaps {
+            try BitmapLimits.checkSize(name: bitmap.name, imageSize: image.size, granularity: bitmap.granularity)
+        }
         let tracker = try tracker(imagePath: path, image: image, readOnly: readOnly, bitmaps: bitmaps, logger: logger)
-        return Export(name: name, description: description, image: image, readOnly: readOnly, tracker: tracker)
+        return Export(id: id, name: name, description: description, image: image, readOnly: readOnly, tracker: tracker)
     }
 
     static func tracker(

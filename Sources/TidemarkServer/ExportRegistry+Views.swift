@@ -35,7 +35,8 @@ extension ExportRegistry {
             throw ServerError.invalidView("'\(export.name)' is itself a view; views are taken of live exports")
         }
         let names = Self.viewExportNames(of: export.name, checkpoint: checkpoint)
-        for name in names where self.export(named: name) != nil || name.utf8.count > 4096 {
+        // A view's id is its name, so neither may be taken.
+        for name in names where self.export(named: name) != nil || self.export(id: name) != nil || name.utf8.count > 4096 {
             throw ServerError.duplicateExport(name)
         }
         let view = try PointInTimeView(image: export.image, sidecarPath: Self.sidecarPath(for: export, checkpoint: checkpoint))

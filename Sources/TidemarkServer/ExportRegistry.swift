@@ -10,10 +10,13 @@ public final class ExportRegistry: Sendable {
 
     public init() {}
 
-    /// Adds an export.
-    /// - Throws: `ServerError.duplicateExport` when the name is taken.
+    /// Adds an export. Names (what clients ask for) and ids (what management uses) are
+    /// each unique, as in QEMU, where they are separate namespaces.
+    /// - Throws: `ServerError.duplicateExportID` when the id is taken,
+    ///   `ServerError.duplicateExport` when the name is.
     public func add(_ export: Export) throws(ServerError) {
         try exports.withLock { (list: inout [Export]) throws(ServerError) in
+            guard !list.contains(where: { $0.id == export.id }) else { throw .duplicateExportID(export.id) }
             guard !list.contains(where: { $0.name == export.name }) else { throw .duplicateExport(export.name) }
             list.append(export)
         }
@@ -26,6 +29,21 @@ public final class ExportRegistry: Sendable {
             guard let index = list.firstIndex(where: { $0.name == name }) else { return nil }
             return list.remove(at: index)
         }
+    }
+
+    /// Removes an export by management id; connections already using it keep it until
+    /// they close.
+    @discardableResult
+    public func remove(id: String) -> Export? {
+        exports.withLock { list in
+            guard let index = list.firstIndex(where: { $0.id == id }) else { return nil }
+            return list.remove(at: index)
+        }
+    }
+
+    /// The export with this management id (never a default: ids are exact).
+    public func export(id: String) -> Export? {
+        exports.withLock { list in list.first { $0.id == id } }
     }
 
     /// Every export, the default first.

@@ -1,6 +1,8 @@
 /// Errors from configuring or starting the server, worded for the person running it.
 public enum ServerError: Error, Equatable, CustomStringConvertible {
     case duplicateExport(String)
+    /// Another export has this management id (QEMU's wording, which scripts match).
+    case duplicateExportID(String)
     case noExports
     case bindFailed(address: String, reason: String)
     case socketActivation(String)
@@ -9,6 +11,7 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .duplicateExport(let name): return "an export named '\(name)' already exists"
+        case .duplicateExportID(let id): return "Block export id '\(id)' is already in use"
         case .noExports: return "no exports configured"
         case .bindFailed(let address, let reason): return "cannot listen on \(address): \(reason)"
         case .socketActivation(let reason): return "socket activation failed: \(reason)"

@@ -320,7 +320,7 @@ struct ControlCommandTests {
         let after = try ExternalTool.check("nbdinfo", ["--list", try fixture.uri(export: "")])
         #expect(!after.stdout.contains("e1"), "\(after.stdout)")
         #expect(after.stdout.contains("ro2"), "\(after.stdout)")
-        #expect(try client.run("query-block-exports") == [["id": "ro2", "type": "nbd", "node-name": "ro2", "shutting-down": false]])
+        #expect(try client.run("query-block-exports") == [["id": "id2", "type": "nbd", "node-name": "ro2", "shutting-down": false]])
         let gone = try ExternalTool.run("nbdinfo", [try fixture.uri(export: "e1")])
         #expect(!gone.succeeded, "e1 must no longer be served: \(gone)")
         expectQMPError(client, "block-export-del", ["id": "e1"], "Export 'e1' is not found")
