@@ -74,10 +74,23 @@ public final class QMPClient {
         }
     }
 
+    /// Writes a whole message. A server that died shows up as EPIPE or ECONNRESET (the
+    /// executables ignore SIGPIPE so that it does not kill them silently instead).
     private func send(_ bytes: [UInt8]) throws(QMPError) {
         guard bytes.withUnsafeBytes({ clinuxio_write_all(fd, $0.baseAddress, $0.count) }) == 0 else {
-            throw QMPError(.genericError, "lost the control connection: \(String(cString: strerror(errno)))")
+            throw Self.connectionError(errno: errno, writing: true)
         }
+    }
+
+    /// The error for a failed read (`errno` 0: end of file) or write on the connection.
+    static func connectionError(errno code: Int32, writing: Bool) -> QMPError {
+        if code == 0 || code == EPIPE || code == ECONNRESET {
+            let detail = code == 0 ? "" : " (\(String(cString: strerror(code))))"
+            return QMPError(
+                .genericError, "the server closed the control connection\(detail); is it still running?")
+        }
+        let operation = writing ? "writing to" : "reading from"
+        return QMPError(.genericError, "\(operation) the control connection failed: \(String(cString: strerror(code)))")
     }
 
     private func nextMessage() throws(QMPError) -> JSONValue {
@@ -85,7 +98,7 @@ public final class QMPClient {
             var chunk = [UInt8](repeating: 0, count: 65536)
             let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw QMPError(.genericError, "the server closed the control connection") }
+            guard n > 0 else { throw Self.connectionError(errno: n == 0 ? 0 : errno, writing: false) }
             for output in splitter.feed(chunk[0..<n]) {
                 guard case .message(let bytes) = output, let value = try? JSONValue.parse(bytes) else { continue }
                 pending.append(value)

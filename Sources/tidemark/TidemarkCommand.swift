@@ -1,5 +1,9 @@
 import ArgumentParser
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The `tidemark` command line: an NBD server for incremental backup.
 @main
 struct TidemarkCommand: AsyncParsableCommand {
@@ -13,7 +17,11 @@ struct TidemarkCommand: AsyncParsableCommand {
         ]
     )
 
+    /// SIGPIPE is ignored (and stays so in `tidemark-backup`, which it may exec): a
+    /// control-socket command whose server died gets EPIPE and reports it, rather than
+    /// dying silently with status 141.
     static func main() async {
+        signal(SIGPIPE, SIG_IGN)
         BackupForwarding.execIfRequested(CommandLine.arguments)
         await main(nil)
     }
