@@ -266,7 +266,8 @@ extension ControlPlane {
     /// dirty bit is lost.
     func deleteExport(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
         let id = try arguments.string("id")
-        if registry.export(id: id) == nil, let (origin, checkpoint) = registry.viewOrigin(of: id) {
+        // A view export's id is its name, unique among ids, so this cannot shadow a live export.
+        if let (origin, checkpoint) = registry.viewOrigin(of: id) {
             // A view's two exports share its sidecar: both go, the checkpoint stays pending.
             closeView(of: origin, checkpoint: checkpoint)
             return [:]
