@@ -12,6 +12,8 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
     case storeCorrupt(path: String, reason: String)
     case storeIOFailed(path: String, reason: String)
     case storeLocked(path: String)
+    case checkpointPending(bitmap: String, checkpoint: String)
+    case checkpointNameUsed(String)
 
     public var description: String {
         switch self {
@@ -37,6 +39,12 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
             return "bitmap store '\(path)': \(reason)"
         case .storeLocked(let path):
             return "bitmap store '\(path)' is held by a running server; stop that server first"
+        case .checkpointPending(let bitmap, let checkpoint):
+            return "checkpoint '\(checkpoint)' of bitmap '\(bitmap)' is still pending and its client is connected: "
+                + "complete or abort it first (a pending checkpoint whose client is gone is superseded by the next one)"
+        case .checkpointNameUsed(let name):
+            return "checkpoint name '\(name)' was already used on this export; checkpoint names are unique for the "
+                + "life of the bitmap store (omit the name to get the next free cN)"
         }
     }
 }

@@ -484,3 +484,24 @@ func monotonicNanoseconds() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
+
+extension JSONValue {
+    /// The keys a checkpoint reply or query entry carries about its lineage.
+    static let lineageKeys: Set<String> = ["id", "base", "base-id", "covers", "abort-on-disconnect"]
+
+    /// The object without `keys` (arrays: each element without them), to compare the rest
+    /// exactly.
+    func removing(_ keys: Set<String>) -> JSONValue {
+        switch self {
+        case .object(let fields): return .object(fields.filter { !keys.contains($0.key) })
+        case .array(let items): return .array(items.map { $0.removing(keys) })
+        default: return self
+        }
+    }
+
+    /// True for a checkpoint id: 32 lowercase hex digits.
+    var isCheckpointID: Bool {
+        guard case .string(let text) = self else { return false }
+        return text.count == 32 && text.allSatisfy { $0.isHexDigit && !$0.isUppercase }
+    }
+}
