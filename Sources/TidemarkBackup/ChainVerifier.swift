@@ -35,7 +35,7 @@ public struct ChainVerifier: Sendable {
 
     /// Checkpoint links: an incremental backup taken through `--control` must start at
     /// the checkpoint of the backup before it, or the chain misses the changes between.
-    static func linkProblems(_ chain: [BackupManifest]) -> [String] {
+    public static func linkProblems(_ chain: [BackupManifest]) -> [String] {
         var problems: [String] = []
         for (previous, manifest) in zip(chain, chain.dropFirst()) where manifest.kind == .incremental {
             guard manifest.checkpointID != nil else { continue }

@@ -327,10 +327,11 @@ final class ControlFixture: @unchecked Sendable {
 
     /// A second server on the same image (after `server` stopped), on new sockets, and
     /// the path of its control socket. The caller stops it.
-    func restart() throws -> (server: TidemarkProcess, controlPath: String) {
-        let control = directory.file("qmp2.sock")
+    func restart(extraArguments: [String] = [], suffix: String = "2") throws -> (server: TidemarkProcess, controlPath: String) {
+        let control = directory.file("qmp\(suffix).sock")
         let restarted = try TidemarkProcess(
-            arguments: ["serve", image, "--unix", directory.file("nbd2.sock"), "--control", control],
+            arguments: ["serve", image, "--unix", directory.file("nbd\(suffix).sock"), "--control", control]
+                + extraArguments,
             directory: directory)
         return (restarted, control)
     }
