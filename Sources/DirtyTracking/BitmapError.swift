@@ -14,6 +14,8 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
     case storeLocked(path: String)
     /// More than `BitmapLimits.maximumGranules` granules; nil when no granularity fits.
     case bitmapTooLarge(name: String, imageSize: UInt64, granularity: UInt64, smallestGranularity: UInt64?)
+    case checkpointPending(bitmap: String, checkpoint: String)
+    case checkpointNameUsed(String)
 
     public var description: String {
         switch self {
@@ -49,6 +51,12 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
             }
             return "bitmap '\(name)' would need \(mebibytes) MiB at granularity \(BitmapLimits.describe(bytes: granularity)); "
                 + "use granularity ≥ \(BitmapLimits.describe(bytes: smallest)) (\(smallest)) for this \(image) image: \(limit)"
+        case .checkpointPending(let bitmap, let checkpoint):
+            return "checkpoint '\(checkpoint)' of bitmap '\(bitmap)' is still pending and its client is connected: "
+                + "complete or abort it first (a pending checkpoint whose client is gone is superseded by the next one)"
+        case .checkpointNameUsed(let name):
+            return "checkpoint name '\(name)' was already used on this export; checkpoint names are unique for the "
+                + "life of the bitmap store (omit the name to get the next free cN)"
         }
     }
 }

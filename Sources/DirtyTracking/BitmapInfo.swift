@@ -16,10 +16,18 @@ public struct BitmapInfo: Sendable, Equatable, Codable {
     public var generation: UInt64
     /// For a checkpoint's frozen increment, the bitmap it was taken from.
     public var checkpointOf: String?
+    /// For a live bitmap, its last completed checkpoint; for an increment, its base and
+    /// the later checkpoints whose changes it also holds.
+    public var lineage: CheckpointLineage
+    /// For an increment, the checkpoint's unique id.
+    public var checkpointID: String?
+    /// For an increment, whether it is aborted when its creator is gone.
+    public var abortOnDisconnect: Bool
 
     public init(
         name: String, count: UInt64, granularity: UInt64, recording: Bool, busy: Bool, persistent: Bool,
-        generation: UInt64, checkpointOf: String? = nil
+        generation: UInt64, checkpointOf: String? = nil, lineage: CheckpointLineage = CheckpointLineage(),
+        checkpointID: String? = nil, abortOnDisconnect: Bool = true
     ) {
         self.name = name
         self.count = count
@@ -29,6 +37,9 @@ public struct BitmapInfo: Sendable, Equatable, Codable {
         self.persistent = persistent
         self.generation = generation
         self.checkpointOf = checkpointOf
+        self.lineage = lineage
+        self.checkpointID = checkpointID
+        self.abortOnDisconnect = abortOnDisconnect
     }
 }
 

@@ -37,12 +37,17 @@ public final class BitmapStore: @unchecked Sendable {
             /// Set for a checkpoint increment still pending completion.
             public var checkpointOf: String?
             public var consumed: Bool
+            public var lineage = CheckpointLineage()
+            public var checkpointID: String? = nil
+            public var abortOnDisconnect = true
         }
         public var bitmaps: [Bitmap]
         public var generation: UInt64
         public var epoch: UInt64
         /// True when the previous owner did not stop cleanly and journals were replayed.
         public var recovered: Bool
+        /// The highest default checkpoint number handed out in the store's life.
+        public var checkpointCounter: UInt64 = 0
     }
 
     /// The sidecar folder for an image.
@@ -136,7 +141,9 @@ public final class BitmapStore: @unchecked Sendable {
                 }
                 bitmaps.append(.init(
                     name: entry.name, bitmap: bitmap, recording: entry.recording,
-                    checkpointOf: entry.checkpointOf, consumed: entry.consumed ?? false))
+                    checkpointOf: entry.checkpointOf, consumed: entry.consumed ?? false,
+                    lineage: entry.lineage ?? CheckpointLineage(), checkpointID: entry.checkpointID,
+                    abortOnDisconnect: entry.abortOnDisconnect ?? true))
             }
         }
         var generation = state.generation
@@ -151,7 +158,9 @@ public final class BitmapStore: @unchecked Sendable {
                 }
             }
         }
-        return Contents(bitmaps: bitmaps, generation: generation, epoch: state.epoch, recovered: recovered)
+        return Contents(
+            bitmaps: bitmaps, generation: generation, epoch: state.epoch, recovered: recovered,
+            checkpointCounter: state.checkpointCounter ?? 0)
     }
 
     /// Region ids recorded in every journal of epoch `epoch` or later.
@@ -206,10 +215,14 @@ public final class BitmapStore: @unchecked Sendable {
             var checkpointOf: String?
             var consumed: Bool
             var words: [UInt64]
+            var lineage: CheckpointLineage
+            var checkpointID: String?
+            var abortOnDisconnect: Bool
         }
         var bitmaps: [Bitmap]
         var epoch: UInt64
         var generation: UInt64
+        var checkpointCounter: UInt64
     }
 
     /// Writes the bits and the manifest atomically, then drops journals and data files
@@ -223,12 +236,16 @@ public final class BitmapStore: @unchecked Sendable {
             entries.append(.init(
                 name: bitmap.name, granularity: bitmap.granularity, recording: bitmap.recording,
                 wordCount: bitmap.words.count, checksum: Checksum.fnv1a(bitmap.words),
-                checkpointOf: bitmap.checkpointOf, consumed: bitmap.consumed ? true : nil))
+                checkpointOf: bitmap.checkpointOf, consumed: bitmap.consumed ? true : nil,
+                lineage: bitmap.lineage == CheckpointLineage() ? nil : bitmap.lineage,
+                checkpointID: bitmap.checkpointID,
+                abortOnDisconnect: bitmap.checkpointOf != nil && !bitmap.abortOnDisconnect ? false : nil))
         }
         try FileIO.writeAtomically(data, to: dataPath(dataName), directory: directory)
         let state = StoredState(
             version: StoredState.currentVersion, imageSize: imageSize, epoch: snapshot.epoch,
-            generation: snapshot.generation, cleanShutdown: cleanShutdown, dataFile: dataName, bitmaps: entries)
+            generation: snapshot.generation, cleanShutdown: cleanShutdown, dataFile: dataName, bitmaps: entries,
+            checkpointCounter: snapshot.checkpointCounter == 0 ? nil : snapshot.checkpointCounter)
         let encoded: Data
         do {
             let encoder = JSONEncoder()

@@ -20,6 +20,13 @@ public final class DirtyTracker: Sendable {
         var checkpointOf: String? = nil
         /// For an increment: the checkpoint ended tracking of its bitmap (`consume`).
         var consumed = false
+        /// For a live bitmap: its last completed checkpoint; for an increment: the base it
+        /// was taken on and what else it covers.
+        var lineage = CheckpointLineage()
+        /// For an increment: the checkpoint's unique id.
+        var checkpointID: String? = nil
+        /// For an increment: abort it when its creator disconnects (kept across restarts).
+        var abortOnDisconnect = true
     }
 
     struct State {
@@ -39,6 +46,8 @@ public final class DirtyTracker: Sendable {
         /// and closing the store write nothing (a captive `tidemark serve` starts and stops
         /// without five fsyncs).
         var storeSettled = false
+        /// The highest default checkpoint number (`cN`) handed out in the store's life.
+        var checkpointCounter: UInt64 = 0
 
         mutating func refreshJournaling() {
             journaling = bitmaps.contains { $0.persistent && $0.recording }
@@ -79,8 +88,10 @@ public final class DirtyTracker: Sendable {
         initial.bitmaps = contents.bitmaps.map {
             NamedBitmap(
                 name: $0.name, bitmap: $0.bitmap, recording: $0.recording, persistent: true,
-                busy: $0.checkpointOf != nil, checkpointOf: $0.checkpointOf, consumed: $0.consumed)
+                busy: $0.checkpointOf != nil, checkpointOf: $0.checkpointOf, consumed: $0.consumed,
+                lineage: $0.lineage, checkpointID: $0.checkpointID, abortOnDisconnect: $0.abortOnDisconnect)
         }
+        initial.checkpointCounter = contents.checkpointCounter
         initial.refreshJournaling()
         initial.storeSettled = contents.bitmaps.isEmpty && !contents.recovered
         let settled = initial.storeSettled
@@ -208,9 +219,13 @@ public final class DirtyTracker: Sendable {
                         BitmapStore.Snapshot.Bitmap(
                             name: entry.name, granularity: entry.bitmap.granularity, recording: entry.recording,
                             checkpointOf: entry.checkpointOf, consumed: entry.consumed,
-                            words: entry.bitmap.leafWords.withUnsafeBufferPointer { Array($0) })
+                            words: entry.bitmap.leafWords.withUnsafeBufferPointer { Array($0) },
+                            lineage: entry.lineage, checkpointID: entry.checkpointID,
+                            abortOnDisconnect: entry.abortOnDisconnect)
                     }
-                    return BitmapStore.Snapshot(bitmaps: saved, epoch: state.epoch, generation: state.generation)
+                    return BitmapStore.Snapshot(
+                        bitmaps: saved, epoch: state.epoch, generation: state.generation,
+                        checkpointCounter: state.checkpointCounter)
                 }
                 try store.startJournal(epoch: snapshot.epoch)
                 return snapshot
@@ -308,8 +323,22 @@ public final class DirtyTracker: Sendable {
                 BitmapInfo(
                     name: entry.name, count: entry.bitmap.dirtyBytes, granularity: entry.bitmap.granularity,
                     recording: entry.recording, busy: entry.busy, persistent: entry.persistent,
-                    generation: entry.persistent ? state.generation : 0, checkpointOf: entry.checkpointOf)
+                    generation: entry.persistent ? state.generation : 0, checkpointOf: entry.checkpointOf,
+                    lineage: entry.lineage, checkpointID: entry.checkpointID,
+                    abortOnDisconnect: entry.abortOnDisconnect)
             }
+        }
+    }
+
+    /// The default name of the next checkpoint: `cN` with N above every default name
+    /// handed out in the store's life (persistent trackers keep the count across
+    /// restarts), skipping names in use and names of completed checkpoints. The count
+    /// advances when a checkpoint with that name is created.
+    public func nextCheckpointName() -> String {
+        state.withLock { state in
+            var number = state.checkpointCounter + 1
+            while state.isCheckpointNameTaken("c\(number)") { number += 1 }
+            return "c\(number)"
         }
     }
 

@@ -15,6 +15,12 @@ struct StoredState: Codable, Equatable {
         var checkpointOf: String?
         /// For an increment whose checkpoint ended tracking of its bitmap.
         var consumed: Bool?
+        /// Checkpoint lineage (absent in stores written before it existed: no base).
+        var lineage: CheckpointLineage?
+        /// For an increment: its checkpoint's unique id.
+        var checkpointID: String?
+        /// For an increment: false when its creator asked not to abort it on disconnect.
+        var abortOnDisconnect: Bool?
     }
 
     var version: Int
@@ -29,6 +35,8 @@ struct StoredState: Codable, Equatable {
     /// The data file holding every bitmap's words (little-endian u64), in `bitmaps` order.
     var dataFile: String
     var bitmaps: [Bitmap]
+    /// The highest default checkpoint number handed out (`cN`), so names never repeat.
+    var checkpointCounter: UInt64?
 }
 
 enum Checksum {

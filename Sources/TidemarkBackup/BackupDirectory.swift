@@ -98,6 +98,10 @@ public struct BackupDirectory: Sendable {
         guard !chain.isEmpty else { throw BackupError.noChain(directory: path) }
         guard let requested else { return chain.count - 1 }
         if let index = Int(requested), chain.indices.contains(index) { return index }
+        // Checkpoint names are unique in a store's life, but a chain can span two stores
+        // (a store lost and recreated): never pick one of two silently.
+        let named = chain.filter { $0.checkpoint == requested }.map(\.index)
+        if named.count > 1 { throw BackupError.ambiguousChainPoint(requested, indices: named) }
         if let match = chain.lastIndex(where: {
             $0.checkpoint == requested || $0.file == requested || $0.file == requested + ".qcow2"
                 || Self.manifestName(index: $0.index) == requested

@@ -37,6 +37,11 @@ public enum BackupError: Error, Sendable, Equatable, CustomStringConvertible {
     case unknownChainPoint(String, available: [String])
     /// The control socket refused a step of the checkpoint cycle.
     case control(String)
+    /// The server's increment does not start where the chain ends: pulling it would leave
+    /// changes out of the backup.
+    case chainMismatch(chainPoint: String, serverBase: String?, bitmap: String)
+    /// Two backups of the chain carry the checkpoint name given to `--at`.
+    case ambiguousChainPoint(String, indices: [Int])
     /// A request the command line should have refused earlier.
     case invalidArgument(String)
 
@@ -81,6 +86,15 @@ public enum BackupError: Error, Sendable, Equatable, CustomStringConvertible {
             return "no backup '\(point)' in the chain (use an index or a name: \(available.joined(separator: ", ")))"
         case .control(let detail):
             return "control socket: \(detail)"
+        case .chainMismatch(let chainPoint, let serverBase, let bitmap):
+            let base = serverBase.map { "its last completed checkpoint '\($0)'" } ?? "no completed checkpoint it can vouch for"
+            return "the chain ends at \(chainPoint), but bitmap '\(bitmap)' holds the changes since \(base), which "
+                + "does not include that point: an incremental backup would miss changes. Nothing was pulled and the "
+                + "checkpoint was aborted (its changes stay recorded). Take a full backup into a new directory "
+                + "(tidemark backup full … --control … --bitmap \(bitmap)) to start a new chain"
+        case .ambiguousChainPoint(let point, let indices):
+            return "'\(point)' names backups \(indices.map(String.init).joined(separator: " and ")) of the chain; "
+                + "use an index or a file name"
         case .invalidArgument(let detail):
             return detail
         }

@@ -29,6 +29,15 @@ public struct BackupJob: Sendable {
         public var recordedBitmap: String?
         /// Recorded in the manifest as the checkpoint.
         public var checkpoint: String?
+        /// The checkpoint's id, and what the server said its increment holds: every change
+        /// since `baseCheckpointID` (and since each of `coveredCheckpointIDs`). With an
+        /// id, an incremental backup runs only when the chain's last backup is one of
+        /// those points.
+        public var checkpointID: String?
+        public var baseCheckpointID: String?
+        public var coveredCheckpointIDs: [String] = []
+        /// The base checkpoint's name, for messages.
+        public var baseName: String?
         /// Parallel connections (each with `window` reads in flight); nil: see
         /// ``defaultConnections(canMultiConn:requests:)``.
         public var connections: Int?
@@ -80,6 +89,15 @@ public struct BackupJob: Sendable {
             throw BackupError.invalidArgument("an incremental backup needs --bitmap NAME")
         default:
             break
+        }
+        if options.kind == .incremental, let id = options.checkpointID, let last = chain.last {
+            let startsAtChainEnd = last.checkpointID.map { $0 == options.baseCheckpointID || options.coveredCheckpointIDs.contains($0) } ?? false
+            guard startsAtChainEnd else {
+                throw BackupError.chainMismatch(
+                    chainPoint: "\(last.file) (checkpoint \(last.checkpoint ?? "none"))",
+                    serverBase: options.baseCheckpointID == nil ? nil : (options.baseName ?? options.baseCheckpointID),
+                    bitmap: options.recordedBitmap ?? options.bitmap ?? id)
+            }
         }
         let readsBitmap = options.kind == .incremental ? options.bitmap : nil
         let (primary, hasAllocation) = try BackupSource.openPrimary(uri: options.uri, bitmap: readsBitmap)
@@ -133,12 +151,17 @@ public struct BackupJob: Sendable {
             extents.sort { $0.offset < $1.offset }
             try writer.finish()
 
-            let manifest = BackupManifest(
+            var manifest = BackupManifest(
                 index: index, file: imageName, kind: options.kind,
                 bitmap: options.recordedBitmap ?? options.bitmap, checkpoint: options.checkpoint,
                 created: BackupManifest.timestamp(), virtualSize: virtualSize, source: options.uri,
                 backingFile: index == 0 ? nil : BackupDirectory.imageName(index: index - 1),
                 bytesCopied: plan.bytesToCopy, bytesZeroed: plan.bytesToZero, extents: extents)
+            manifest.checkpointID = options.checkpointID
+            if options.checkpointID != nil {
+                manifest.baseCheckpointID = options.baseCheckpointID
+                manifest.coveredCheckpointIDs = options.coveredCheckpointIDs
+            }
             let manifestFile = try BackupFile(path: partialManifest, flags: O_WRONLY | O_CREAT | O_TRUNC)
             try manifestFile.write(try manifest.encoded(), at: 0)
             try manifestFile.sync()

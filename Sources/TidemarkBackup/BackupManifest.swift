@@ -47,6 +47,14 @@ public struct BackupManifest: Codable, Sendable, Equatable {
     public var bitmap: String?
     /// The checkpoint (increment) name, when one was created for this backup.
     public var checkpoint: String?
+    /// The checkpoint's unique id on the server (`--control` backups): the next
+    /// incremental must start from it.
+    public var checkpointID: String?
+    /// The server's last completed checkpoint the increment started from (incremental
+    /// `--control` backups).
+    public var baseCheckpointID: String?
+    /// Later checkpoints whose changes the increment also held (aborted or superseded).
+    public var coveredCheckpointIDs: [String]?
     /// When the pull finished, ISO 8601 UTC.
     public var created: String
     public var virtualSize: UInt64
@@ -78,6 +86,12 @@ public struct BackupManifest: Codable, Sendable, Equatable {
         self.bytesCopied = bytesCopied
         self.bytesZeroed = bytesZeroed
         self.extents = extents
+    }
+
+    /// True when this backup holds every change since the checkpoint `id` was taken, as
+    /// the server vouched when its checkpoint was created.
+    public func startsAt(checkpointID id: String) -> Bool {
+        baseCheckpointID == id || (coveredCheckpointIDs ?? []).contains(id)
     }
 
     /// The name a user can pass to `--at`: the checkpoint, else the file name.

@@ -33,6 +33,22 @@ public struct ChainVerifier: Sendable {
         self.directory = directory
     }
 
+    /// Checkpoint links: an incremental backup taken through `--control` must start at
+    /// the checkpoint of the backup before it, or the chain misses the changes between.
+    public static func linkProblems(_ chain: [BackupManifest]) -> [String] {
+        var problems: [String] = []
+        for (previous, manifest) in zip(chain, chain.dropFirst()) where manifest.kind == .incremental {
+            guard manifest.checkpointID != nil else { continue }
+            guard let previousID = previous.checkpointID, manifest.startsAt(checkpointID: previousID) else {
+                problems.append(
+                    "\(manifest.file): its increment does not start at the checkpoint of \(previous.file) "
+                        + "(\(previous.checkpoint ?? "none")): changes between them may be missing from the chain")
+                continue
+            }
+        }
+        return problems
+    }
+
     public func run() throws(BackupError) -> Report {
         let backups = BackupDirectory(path: directory)
         let chain = try backups.chain()
@@ -40,6 +56,7 @@ public struct ChainVerifier: Sendable {
         var report = Report(
             backups: chain.count, extentsChecked: 0, bytesChecked: 0, problems: [], qemuImgChecked: [],
             qemuImgAvailable: false)
+        report.problems += Self.linkProblems(chain)
         for manifest in chain {
             let reader: ChainReader
             do {

@@ -65,8 +65,10 @@ extension ControlPlane {
                     guard let origin = bitmap.checkpointOf else { return nil }
                     var entry: [String: JSONValue] = [
                         "node": .string(export.name), "name": .string(bitmap.name), "bitmap": .string(origin),
-                        "count": .int(Int64(bitmap.count)),
+                        "count": .int(Int64(bitmap.count)), "id": bitmap.checkpointID.map { .string($0) } ?? .null,
+                        "abort-on-disconnect": .bool(bitmap.abortOnDisconnect),
                     ]
+                    entry.merge(Self.describeLineage(bitmap.lineage)) { _, new in new }
                     if let open = export.openViews?.entry(checkpoint: bitmap.name) {
                         entry["view"] = .string(open.exportNames[0])
                         entry["changes-view"] = .string(open.exportNames[1])
@@ -198,6 +200,7 @@ extension ControlPlane {
                 "generation": .int(Int64(bitmap.generation)),
             ]
             if let origin = bitmap.checkpointOf { entry["checkpoint-of"] = .string(origin) }
+            if let base = bitmap.lineage.base { entry["last-checkpoint"] = .string(base.name) }
             return .object(entry)
         }
         return [
@@ -254,6 +257,7 @@ extension ControlPlane {
             try? export.tracker.save(cleanShutdown: true)
             throw QMPError(.genericError, error.description)
         }
+        adoptPendingCheckpoints(of: export)
         return [:]
     }
 
@@ -334,20 +338,30 @@ extension ControlPlane {
 
     // MARK: - Checkpoints
 
+    /// Creates a checkpoint of a bitmap, with a view if asked.
+    ///
+    /// A bitmap has at most one pending checkpoint. One whose creator is gone (it
+    /// disconnected, exited like the CLI, or belonged to an earlier run of the server) is
+    /// superseded: its increment is folded into the new one, which then holds everything
+    /// since the bitmap's last completed checkpoint, and says so in `covers`. One whose
+    /// creator is still connected makes this fail: two backups must not race.
     func createCheckpoint(_ arguments: QMPArguments, session: UInt64) throws(QMPError) -> JSONValue {
         let node = try arguments.string("node")
         let export = try export(node)
         let bitmap = try arguments.string("bitmap")
-        let existing = Set(export.tracker.names)
-        let name = try arguments.optionalString("name") ?? nextCheckpointName(for: node, existing: existing)
+        let name = try arguments.optionalString("name") ?? export.tracker.nextCheckpointName()
         // Every argument is checked before anything changes.
         let consume = try arguments.bool("consume", default: false)
         let timeout = try arguments.optionalUInt("timeout").map { TimeAmount.seconds(Int64(clamping: $0)) }
         let abortOnDisconnect = try arguments.bool("abort-on-disconnect", default: true)
         let withView = try arguments.bool("view", default: false)
-        let checkpoint: [(Export, [BitmapOperation])] = [
-            (export, [.createCheckpoint(bitmap: bitmap, increment: name, consume: consume)])
-        ]
+        let superseded = export.tracker.query().filter { $0.checkpointOf == bitmap }.map(\.name).filter {
+            !isOwnerConnected(CheckpointKey(node: node, name: $0))
+        }
+        let request = CheckpointRequest(
+            bitmap: bitmap, increment: name, consume: consume, supersede: superseded,
+            abortOnDisconnect: abortOnDisconnect)
+        let checkpoint: [(Export, [BitmapOperation])] = [(export, [.createCheckpoint(request)])]
         var viewNames: [String] = []
         if withView {
             guard export.openViews != nil else {
@@ -368,11 +382,24 @@ extension ControlPlane {
             CheckpointKey(node: node, name: name),
             CheckpointOwner(
                 session: session, abortOnDisconnect: abortOnDisconnect, timeout: timeout ?? defaultCheckpointTimeout))
-        let count = export.tracker.query().first { $0.name == name }?.count ?? 0
+        for old in superseded {
+            closeView(of: export, checkpoint: old)
+            forgetOwner(CheckpointKey(node: node, name: old))
+            recordSuperseded(CheckpointKey(node: node, name: old), by: name)
+            logger.warning("checkpoint '\(old)' on '\(node)' was pending with its client gone: superseded by '\(name)', which holds its changes")
+            emit(
+                "CHECKPOINT_ABORTED",
+                ["node": .string(node), "name": .string(old), "reason": "superseded", "superseded-by": .string(name)])
+        }
+        let info = export.tracker.query().first { $0.name == name }
         var event: [String: JSONValue] = [
             "node": .string(node), "name": .string(name), "bitmap": .string(bitmap), "consume": .bool(consume),
         ]
-        var reply: [String: JSONValue] = ["name": .string(name), "bitmap": .string(bitmap), "count": .int(Int64(count))]
+        var reply: [String: JSONValue] = [
+            "name": .string(name), "bitmap": .string(bitmap), "count": .int(Int64(info?.count ?? 0)),
+            "id": .string(request.id),
+        ]
+        if let info { reply.merge(Self.describeLineage(info.lineage)) { _, new in new } }
         if viewNames.count == 2 {
             event["view"] = .string(viewNames[0])
             reply["view"] = .string(viewNames[0])
@@ -382,11 +409,27 @@ extension ControlPlane {
         return .object(reply)
     }
 
+    /// `base` (name or null), `base-id` and `covers` (ids), as replies and queries show a
+    /// lineage.
+    static func describeLineage(_ lineage: CheckpointLineage) -> [String: JSONValue] {
+        [
+            "base": lineage.base.map { .string($0.name) } ?? .null,
+            "base-id": lineage.base.map { .string($0.id) } ?? .null,
+            "covers": .array(lineage.covers.map { .string($0) }),
+        ]
+    }
+
     func finishCheckpoint(_ command: String, _ arguments: QMPArguments) throws(QMPError) -> JSONValue {
         let node = try arguments.string("node")
         let export = try export(node)
         let name = try arguments.string("name")
         let completing = command == "checkpoint-complete"
+        if let successor = supersededBy(CheckpointKey(node: node, name: name)) {
+            throw QMPError(
+                .genericError,
+                "checkpoint '\(name)' was superseded by '\(successor)' after its client disconnected; its changes are in "
+                    + "'\(successor)', so a backup of '\(name)' must not be recorded as complete")
+        }
         try perform([(export, [completing ? .completeCheckpoint(increment: name) : .abortCheckpoint(increment: name)])])
         closeView(of: export, checkpoint: name)
         forgetOwner(CheckpointKey(node: node, name: name))

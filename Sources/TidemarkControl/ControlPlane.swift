@@ -32,10 +32,15 @@ public final class ControlPlane: Sendable {
         var subscribers: [UInt64: @Sendable (JSONValue) -> Void] = [:]
         var owners: [CheckpointKey: CheckpointOwner] = [:]
         var nextSession: UInt64 = 1
-        /// Per export, the highest default checkpoint number handed out (c1, c2, …), so a
-        /// completed checkpoint's name is not reused while the server runs.
-        var lastCheckpointNumber: [String: Int] = [:]
+        /// Checkpoints folded into a later one, so completing or aborting them gets an
+        /// error that says where their changes went (the newest few hundred).
+        var superseded: [CheckpointKey: String] = [:]
+        var supersededOrder: [CheckpointKey] = []
     }
+
+    /// Session id of checkpoints whose creator is unknown: pending ones found in a store at
+    /// start, or on an export added later. No client ever has it.
+    static let noSession: UInt64 = 0
 
     public static let version = (major: 0, minor: 1, micro: 0)
 
@@ -73,6 +78,7 @@ public final class ControlPlane: Sendable {
         self.timerLoop = timerLoop
         self.quitHandler = onQuit
         worker.start()
+        for export in registry.all { adoptPendingCheckpoints(of: export) }
     }
 
     public func shutdown() async {
@@ -99,12 +105,7 @@ public final class ControlPlane: Sendable {
             return state.owners.filter { $0.value.session == id && $0.value.abortOnDisconnect }
                 .map { ($0.key, $0.value.timeout) }
         }
-        for (key, timeout) in orphaned {
-            timerLoop.scheduleTask(in: timeout) { [weak self] in
-                guard let self else { return }
-                self.worker.submit { _ in self.abortOrphaned(key, session: id) }
-            }
-        }
+        for (key, timeout) in orphaned { scheduleOrphanAbort(key, session: id, after: timeout) }
     }
 
     private func abortOrphaned(_ key: CheckpointKey, session: UInt64) {
@@ -128,15 +129,59 @@ public final class ControlPlane: Sendable {
         state.withLock { $0.owners[key] = owner }
     }
 
-    /// The next default checkpoint name of an export: above every `cN` it has and every
-    /// one handed out before.
-    func nextCheckpointName(for export: String, existing: Set<String>) -> String {
-        state.withLock { state in
-            var number = (state.lastCheckpointNumber[export] ?? 0) + 1
-            while existing.contains("c\(number)") { number += 1 }
-            state.lastCheckpointNumber[export] = number
-            return "c\(number)"
+    /// Re-arms abort-on-disconnect for checkpoints that were pending when the export's
+    /// store was opened (an earlier run of the server, killed or stopped mid-backup): their
+    /// creator is gone, so they are aborted (changes merged back into their bitmap) after
+    /// the default timeout unless completed first, and the next checkpoint of their bitmap
+    /// supersedes them at once.
+    func adoptPendingCheckpoints(of export: Export) {
+        let pending = export.tracker.query().filter { $0.checkpointOf != nil }
+        for increment in pending {
+            let key = CheckpointKey(node: export.name, name: increment.name)
+            let adopted = state.withLock { state -> Bool in
+                guard state.owners[key] == nil else { return false }
+                state.owners[key] = CheckpointOwner(
+                    session: Self.noSession, abortOnDisconnect: increment.abortOnDisconnect,
+                    timeout: defaultCheckpointTimeout)
+                return true
+            }
+            guard adopted else { continue }
+            if increment.abortOnDisconnect {
+                logger.warning(
+                    "checkpoint '\(increment.name)' on '\(export.name)' is pending from an earlier run: it is aborted in \(defaultCheckpointTimeout.nanoseconds / 1_000_000_000) s unless completed, and the next checkpoint of '\(increment.checkpointOf ?? "")' supersedes it")
+                scheduleOrphanAbort(key, session: Self.noSession, after: defaultCheckpointTimeout)
+            } else {
+                logger.info("checkpoint '\(increment.name)' on '\(export.name)' is pending from an earlier run")
+            }
         }
+    }
+
+    private func scheduleOrphanAbort(_ key: CheckpointKey, session: UInt64, after timeout: TimeAmount) {
+        timerLoop.scheduleTask(in: timeout) { [weak self] in
+            guard let self else { return }
+            self.worker.submit { _ in self.abortOrphaned(key, session: session) }
+        }
+    }
+
+    /// True when the checkpoint's creator is a client still connected.
+    func isOwnerConnected(_ key: CheckpointKey) -> Bool {
+        state.withLock { state in
+            guard let owner = state.owners[key] else { return false }
+            return state.subscribers[owner.session] != nil
+        }
+    }
+
+    func recordSuperseded(_ key: CheckpointKey, by successor: String) {
+        state.withLock { state in
+            if state.superseded.updateValue(successor, forKey: key) == nil { state.supersededOrder.append(key) }
+            if state.supersededOrder.count > 512 {
+                state.superseded[state.supersededOrder.removeFirst()] = nil
+            }
+        }
+    }
+
+    func supersededBy(_ key: CheckpointKey) -> String? {
+        state.withLock { $0.superseded[key] }
     }
 
     func forgetOwner(_ key: CheckpointKey) {

@@ -22,6 +22,13 @@ struct BackupCheckpointCycle {
         var name: String
         /// The export name of the read-only point-in-time view.
         var view: String
+        /// Unique id; the next incremental backup must start from it.
+        var id: String
+        /// The bitmap's last completed checkpoint (name and id): the increment holds every
+        /// change since it, and since each checkpoint id in `covers`.
+        var baseName: String?
+        var baseID: String?
+        var covers: [String]
     }
 
     /// Runs `pull` against the checkpoint and finishes it according to the outcome.
@@ -44,9 +51,24 @@ struct BackupCheckpointCycle {
                 "checkpoint-create returned no point-in-time view (does this server support \"view\": true?): "
                     + reply.serialized())
         }
+        guard case .string(let id)? = reply["id"] else {
+            _ = try? client.execute("checkpoint-abort", .object(["node": .string(node), "name": .string(name)]))
+            throw BackupError.control(
+                "checkpoint-create returned no checkpoint id, so nothing proves where its changes start (is the "
+                    + "server older than this client?): " + reply.serialized())
+        }
+        var covers: [String] = []
+        if case .array(let ids)? = reply["covers"] {
+            for case .string(let covered) in ids { covers.append(covered) }
+        }
+        var baseName: String?
+        var baseID: String?
+        if case .string(let value)? = reply["base"] { baseName = value }
+        if case .string(let value)? = reply["base-id"] { baseID = value }
         let result: T
         do {
-            result = try pull(Checkpoint(name: name, view: view))
+            result = try pull(
+                Checkpoint(name: name, view: view, id: id, baseName: baseName, baseID: baseID, covers: covers))
         } catch {
             do {
                 _ = try client.execute("checkpoint-abort", .object(["node": .string(node), "name": .string(name)]))

@@ -68,6 +68,10 @@ struct BackupCommand: ParsableCommand {
                     fromView.bitmap = kind == .incremental ? checkpoint.name : nil
                     fromView.recordedBitmap = bitmap
                     fromView.checkpoint = checkpoint.name
+                    fromView.checkpointID = checkpoint.id
+                    fromView.baseCheckpointID = checkpoint.baseID
+                    fromView.baseName = checkpoint.baseName
+                    fromView.coveredCheckpointIDs = checkpoint.covers
                     defer { display.finish() }
                     return try BackupJob(options: fromView).run()
                 }

@@ -71,7 +71,7 @@ struct ControlCLITests {
         try fixture.write([(1 << 20, 4096), (8 << 20, 4096)])
 
         let created = try Self.cli(["checkpoint", "create"] + control + ["--bitmap", "b1", "--json"])
-        #expect(try QMPJSON.parse(created.stdout) == ["name": "c1", "bitmap": "b1", "count": 131072], "\(created.stdout)")
+        #expect(try QMPJSON.parse(created.stdout).removing(JSONValue.lineageKeys) == ["name": "c1", "bitmap": "b1", "count": 131072], "\(created.stdout)")
         let named = try Self.cli(["checkpoint", "create"] + control + ["--bitmap", "b2", "--name", "nightly"])
         #expect(named.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "nightly")
         _ = try observer.waitForEvent("CHECKPOINT_CREATED") { $0["data"]?["name"] == "nightly" }

@@ -327,10 +327,11 @@ final class ControlFixture: @unchecked Sendable {
 
     /// A second server on the same image (after `server` stopped), on new sockets, and
     /// the path of its control socket. The caller stops it.
-    func restart() throws -> (server: TidemarkProcess, controlPath: String) {
-        let control = directory.file("qmp2.sock")
+    func restart(extraArguments: [String] = [], suffix: String = "2") throws -> (server: TidemarkProcess, controlPath: String) {
+        let control = directory.file("qmp\(suffix).sock")
         let restarted = try TidemarkProcess(
-            arguments: ["serve", image, "--unix", directory.file("nbd2.sock"), "--control", control],
+            arguments: ["serve", image, "--unix", directory.file("nbd\(suffix).sock"), "--control", control]
+                + extraArguments,
             directory: directory)
         return (restarted, control)
     }
@@ -483,4 +484,25 @@ func monotonicNanoseconds() -> UInt64 {
     var now = timespec()
     clock_gettime(CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}
+
+extension JSONValue {
+    /// The keys a checkpoint reply or query entry carries about its lineage.
+    static let lineageKeys: Set<String> = ["id", "base", "base-id", "covers", "abort-on-disconnect"]
+
+    /// The object without `keys` (arrays: each element without them), to compare the rest
+    /// exactly.
+    func removing(_ keys: Set<String>) -> JSONValue {
+        switch self {
+        case .object(let fields): return .object(fields.filter { !keys.contains($0.key) })
+        case .array(let items): return .array(items.map { $0.removing(keys) })
+        default: return self
+        }
+    }
+
+    /// True for a checkpoint id: 32 lowercase hex digits.
+    var isCheckpointID: Bool {
+        guard case .string(let text) = self else { return false }
+        return text.count == 32 && text.allSatisfy { $0.isHexDigit && !$0.isUppercase }
+    }
 }
