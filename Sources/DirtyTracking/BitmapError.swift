@@ -12,6 +12,16 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
     case storeCorrupt(path: String, reason: String)
     case storeIOFailed(path: String, reason: String)
     case storeLocked(path: String)
+    /// The store's file system is full (ENOSPC or EDQUOT): distinct from other I/O errors
+    /// so writes can report NBD_ENOSPC, which lets QEMU pause the guest (werror=enospc).
+    case storeFull(path: String, reason: String)
+
+    /// True when the failure was a full file system, which a client can act on (free
+    /// space, resume) unlike other I/O errors.
+    public var isOutOfSpace: Bool {
+        if case .storeFull = self { return true }
+        return false
+    }
 
     public var description: String {
         switch self {
@@ -37,6 +47,8 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
             return "bitmap store '\(path)': \(reason)"
         case .storeLocked(let path):
             return "bitmap store '\(path)' is held by a running server; stop that server first"
+        case .storeFull(let path, let reason):
+            return "bitmap store '\(path)': \(reason); free space on its file system"
         }
     }
 }
