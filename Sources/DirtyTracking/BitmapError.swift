@@ -16,6 +16,16 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
     case bitmapTooLarge(name: String, imageSize: UInt64, granularity: UInt64, smallestGranularity: UInt64?)
     case checkpointPending(bitmap: String, checkpoint: String)
     case checkpointNameUsed(String)
+    /// The store's file system is full (ENOSPC or EDQUOT): distinct from other I/O errors
+    /// so writes can report NBD_ENOSPC, which lets QEMU pause the guest (werror=enospc).
+    case storeFull(path: String, reason: String)
+
+    /// True when the failure was a full file system, which a client can act on (free
+    /// space, resume) unlike other I/O errors.
+    public var isOutOfSpace: Bool {
+        if case .storeFull = self { return true }
+        return false
+    }
 
     public var description: String {
         switch self {
@@ -57,6 +67,8 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
         case .checkpointNameUsed(let name):
             return "checkpoint name '\(name)' was already used on this export; checkpoint names are unique for the "
                 + "life of the bitmap store (omit the name to get the next free cN)"
+        case .storeFull(let path, let reason):
+            return "bitmap store '\(path)': \(reason); free space on its file system"
         }
     }
 }

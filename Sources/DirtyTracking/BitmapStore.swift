@@ -1,8 +1,4 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import FoundationEssentials
-#endif
+import CLinuxIO
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,14 +6,17 @@ import Glibc
 /// The sidecar folder (`IMAGE.tidemark/`) that makes bitmaps persistent and crash-safe,
 /// for raw files and block devices alike.
 ///
-/// Files: `state.json` (manifest), `bitmaps-EPOCH.dat` (the bits as of the last save),
-/// `journal-EPOCH.log` (ids of coarse regions written since), and `lock` (held by the
-/// process that owns the store). Every save starts a new journal epoch; after an unclean
-/// stop, every region in the journals of unfinished epochs is marked dirty, so the loaded
-/// bitmaps are always a superset of the true changes.
+/// Files: `state.json` (manifest, with its own checksum), `bitmaps-EPOCH.dat` (the bits as
+/// of the last save), `journal-EPOCH.log` (ids of coarse regions written since, with a
+/// header and per-record checks: `JournalFormat`), and `lock` (held by the process that
+/// owns the store). Every save starts a new journal epoch; after an unclean stop, every
+/// region in the journals of unfinished epochs is marked dirty, so the loaded bitmaps are
+/// always a superset of the true changes. Whatever the store cannot prove complete
+/// (a missing or damaged journal, a damaged manifest or data file, another image size)
+/// is loaded as entirely dirty, never as "nothing changed" (see `BitmapStore+Loading`).
 public final class BitmapStore: @unchecked Sendable {
-    // @unchecked: `journalDescriptor` is only touched under `journalLock` in
-    // `appendToJournal` and `startJournal`; everything else is immutable.
+    // @unchecked: `journal` is only touched under the tracker's journal lock (appends,
+    // switches, rollbacks) or during `open`; everything else is immutable.
 
     /// Bytes covered by one journal record: the first write into such a region in an epoch
     /// costs one durable journal append; later writes there cost nothing.
@@ -26,7 +25,18 @@ public final class BitmapStore: @unchecked Sendable {
     public let directory: String
     public let imageSize: UInt64
     private let lockDescriptor: Int32
-    private var journalDescriptor: Int32 = -1
+    /// The journal of the current epoch, open for appends; nil until the first save.
+    private var journal: JournalFile?
+
+    /// An open journal file. Its blocks are reserved up front (`JournalFormat.reservation`),
+    /// so appends never need a new block: overwrites and trims keep working on a full disk.
+    struct JournalFile {
+        let descriptor: Int32
+        let epoch: UInt64
+        let path: String
+        /// Bytes written: the next record goes here.
+        var length: UInt64
+    }
 
     /// What was found on disk when the store was opened.
     public struct Contents: Sendable {
@@ -48,22 +58,31 @@ public final class BitmapStore: @unchecked Sendable {
         public var recovered: Bool
         /// The highest default checkpoint number handed out in the store's life.
         public var checkpointCounter: UInt64 = 0
+        /// True when the store was damaged beyond use and started over (the old files are
+        /// in a `damaged-*` folder): bitmaps created at open must start entirely dirty,
+        /// because nobody knows what changed since the old store's last save.
+        public var damaged: Bool = false
+        /// What was wrong with the store and what was done about it, each naming the file:
+        /// for the caller to log as errors.
+        public var problems: [String] = []
     }
 
     /// The sidecar folder for an image.
     public static func directory(forImage path: String) -> String { path + ".tidemark" }
 
     /// Opens (creating if needed) and locks the store.
-    /// - Throws: `.storeLocked` when another process holds it; `.storeCorrupt` when its
-    ///   files are damaged or describe an image of another size.
+    /// - Throws: `.storeLocked` when another process holds it; `.storeCorrupt` when it was
+    ///   written by a newer format; I/O errors (`.storeIOFailed`, `.storeFull`) when it
+    ///   cannot be read or repaired. Damage it can recover from by over-reporting is not
+    ///   thrown but reported in `Contents.problems`.
     public static func open(imagePath: String, imageSize: UInt64) throws(BitmapError) -> (BitmapStore, Contents) {
         let directory = Self.directory(forImage: imagePath)
         if mkdir(directory, 0o755) != 0 && errno != EEXIST {
-            throw .storeIOFailed(path: directory, reason: "cannot create: \(FileIO.describe(errno))")
+            throw FileIO.failure(directory, "cannot create", errno)
         }
         let lockPath = directory + "/lock"
         let lockFD = Glibc.open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard lockFD >= 0 else { throw .storeIOFailed(path: lockPath, reason: "cannot open: \(FileIO.describe(errno))") }
+        guard lockFD >= 0 else { throw FileIO.failure(lockPath, "cannot open", errno) }
         guard flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
             close(lockFD)
             throw .storeLocked(path: directory)
@@ -89,119 +108,110 @@ public final class BitmapStore: @unchecked Sendable {
     }
 
     deinit {
-        if journalDescriptor >= 0 { close(journalDescriptor) }
+        if let journal { close(journal.descriptor) }
         close(lockDescriptor)
     }
 
-    private var statePath: String { directory + "/state.json" }
-    private func journalPath(_ epoch: UInt64) -> String { directory + "/journal-\(epoch).log" }
-    private func dataPath(_ name: String) -> String { directory + "/" + name }
+    var statePath: String { directory + "/state.json" }
+    func journalPath(_ epoch: UInt64) -> String { directory + "/journal-\(epoch).log" }
+    func dataPath(_ name: String) -> String { directory + "/" + name }
 
-    // MARK: - Loading and recovery
-
-    private func load() throws(BitmapError) -> Contents {
-        guard let bytes = try FileIO.readFile(statePath) else {
-            return Contents(bitmaps: [], generation: 0, epoch: 0, recovered: false)
-        }
-        let state: StoredState
-        do {
-            state = try JSONDecoder().decode(StoredState.self, from: Data(bytes))
-        } catch {
-            throw .storeCorrupt(path: statePath, reason: "unreadable manifest: \(error)")
-        }
-        guard state.version == StoredState.currentVersion else {
-            throw .storeCorrupt(path: statePath, reason: "unknown format version \(state.version)")
-        }
-        guard state.imageSize == imageSize else {
-            throw .storeCorrupt(
-                path: statePath,
-                reason: "it describes an image of \(state.imageSize) bytes but the image has \(imageSize)")
-        }
-        var bitmaps: [Contents.Bitmap] = []
-        if !state.bitmaps.isEmpty {
-            let path = dataPath(state.dataFile)
-            guard !state.dataFile.contains("/"), let data = try FileIO.readFile(path) else {
-                throw .storeCorrupt(path: path, reason: "bitmap data file is missing")
-            }
-            var position = 0
-            for entry in state.bitmaps {
-                let byteCount = entry.wordCount * 8
-                guard entry.wordCount >= 0, position + byteCount <= data.count else {
-                    throw .storeCorrupt(path: path, reason: "bitmap data file is truncated")
-                }
-                let words = FileIO.decodeWords(data[position..<(position + byteCount)])
-                position += byteCount
-                guard Checksum.fnv1a(words) == entry.checksum else {
-                    throw .storeCorrupt(path: path, reason: "checksum mismatch for bitmap '\(entry.name)'")
-                }
-                guard BitmapLimits.isValidGranularity(entry.granularity),
-                    let bitmap = DirtyBitmap(size: imageSize, granularity: entry.granularity, leafWords: words)
-                else {
-                    throw .storeCorrupt(path: path, reason: "bitmap '\(entry.name)' does not match the image size")
-                }
-                bitmaps.append(.init(
-                    name: entry.name, bitmap: bitmap, recording: entry.recording,
-                    checkpointOf: entry.checkpointOf, consumed: entry.consumed ?? false,
-                    lineage: entry.lineage ?? CheckpointLineage(), checkpointID: entry.checkpointID,
-                    abortOnDisconnect: entry.abortOnDisconnect ?? true))
-            }
-        }
-        var generation = state.generation
-        let recovered = !state.cleanShutdown
-        if recovered {
-            generation += 1
-            let regions = try journaledRegions(since: state.epoch)
-            for region in regions {
-                let offset = region * Self.regionSize
-                for index in bitmaps.indices where bitmaps[index].recording {
-                    bitmaps[index].bitmap.markDirty(offset: offset, length: Self.regionSize)
-                }
-            }
-        }
-        return Contents(
-            bitmaps: bitmaps, generation: generation, epoch: state.epoch, recovered: recovered,
-            checkpointCounter: state.checkpointCounter ?? 0)
-    }
-
-    /// Region ids recorded in every journal of epoch `epoch` or later.
-    private func journaledRegions(since epoch: UInt64) throws(BitmapError) -> Set<UInt64> {
-        let regionCount = (imageSize + Self.regionSize - 1) / Self.regionSize
-        var regions = Set<UInt64>()
-        for name in FileIO.listDirectory(directory) {
-            guard name.hasPrefix("journal-"), name.hasSuffix(".log"),
-                let number = UInt64(name.dropFirst("journal-".count).dropLast(".log".count)), number >= epoch,
-                let bytes = try FileIO.readFile(directory + "/" + name)
-            else { continue }
-            // A torn last record is ignored; a garbled id beyond the image is dropped.
-            for region in FileIO.decodeWords(bytes[...]) where region < regionCount {
-                regions.insert(region)
-            }
-        }
-        return regions
-    }
+    /// Journal regions of this image (at least one).
+    var regionCount: UInt64 { max(1, (imageSize + Self.regionSize - 1) / Self.regionSize) }
 
     // MARK: - Journal
 
-    /// Starts journal `epoch` (an empty, durable file). Call with the journal lock held.
-    func startJournal(epoch: UInt64) throws(BitmapError) {
+    /// Creates the journal of `epoch`, complete and durable, without touching the current
+    /// one: written under a temporary name with its header and its whole reservation, then
+    /// renamed. If anything fails (a full disk) nothing is left behind and the current
+    /// epoch goes on; a `journal-N.log` on disk therefore always has a full header.
+    func prepareJournal(epoch: UInt64, generation: UInt64) throws(BitmapError) -> JournalFile {
         let path = journalPath(epoch)
-        let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .storeIOFailed(path: path, reason: "cannot create: \(FileIO.describe(errno))") }
-        try FileIO.syncDirectory(directory)
-        if journalDescriptor >= 0 { close(journalDescriptor) }
-        journalDescriptor = fd
+        let temporary = path + ".tmp"
+        let fd = Glibc.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw FileIO.failure(temporary, "cannot create the journal", errno) }
+        var renamed = false
+        do throws(BitmapError) {
+            let reservation = JournalFormat.reservation(regionCount: regionCount)
+            if clinuxio_reserve(fd, 0, off_t(reservation)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS {
+                throw FileIO.failure(temporary, "cannot reserve \(reservation) bytes for the journal", errno)
+            }
+            let header = JournalFormat.header(epoch: epoch, generation: generation)
+            try FileIO.writeAll(fd, header, at: 0, path: temporary)
+            guard fdatasync(fd) == 0 else { throw FileIO.failure(temporary, "fsync", errno) }
+            guard rename(temporary, path) == 0 else { throw FileIO.failure(path, "rename", errno) }
+            renamed = true
+            try FileIO.syncDirectory(directory)
+            return JournalFile(descriptor: fd, epoch: epoch, path: path, length: UInt64(header.count))
+        } catch {
+            close(fd)
+            unlink(renamed ? path : temporary)
+            throw error
+        }
     }
+
+    /// Makes `next` the journal appends go to. Returns the previous one, still open: the
+    /// caller retires it once the save that started `next` is committed, or rolls back to
+    /// it. Call with the journal lock held.
+    func switchJournal(to next: JournalFile) -> JournalFile? {
+        let previous = journal
+        journal = next
+        return previous
+    }
+
+    /// Undoes `switchJournal` after a save failed before its manifest was replaced: the
+    /// regions journaled in the new epoch are appended to the previous journal, then the
+    /// new journal is deleted, so a failed save leaves no file behind. Returns false (and
+    /// keeps the new journal, which the next recovery replays too) when that append fails.
+    /// Call with the journal lock held.
+    func rollBackJournal(to previous: JournalFile?, reappending regions: [UInt64]) -> Bool {
+        guard let current = journal else { return false }
+        guard var previous else {
+            // The store had no journal (fresh, or stopped cleanly): nothing to go back to
+            // unless the new journal holds nothing.
+            guard regions.isEmpty else { return false }
+            close(current.descriptor)
+            unlink(current.path)
+            journal = nil
+            return true
+        }
+        if !regions.isEmpty {
+            do throws(BitmapError) {
+                try append(regions, to: &previous)
+            } catch {
+                return false
+            }
+        }
+        close(current.descriptor)
+        unlink(current.path)
+        journal = previous
+        return true
+    }
+
+    /// Closes a journal that a committed save made obsolete (its file is deleted by
+    /// `write`'s cleanup).
+    func retire(_ journal: JournalFile?) {
+        if let journal { close(journal.descriptor) }
+    }
+
+    /// The current epoch's journal epoch, if one is open.
+    var journalEpoch: UInt64? { journal?.epoch }
 
     /// Appends region ids and makes them durable before returning. Call with the journal
     /// lock held.
     func appendToJournal(_ regions: [UInt64]) throws(BitmapError) {
-        guard journalDescriptor >= 0 else { throw .storeUnavailable("the journal is not open") }
-        var bytes: [UInt8] = []
-        FileIO.encodeWords(regions, into: &bytes)
-        try FileIO.writeAll(journalDescriptor, bytes, path: "journal")
-        guard fdatasync(journalDescriptor) == 0 else {
-            throw .storeIOFailed(path: directory, reason: "journal fsync: \(FileIO.describe(errno))")
-        }
+        guard var current = journal else { throw .storeUnavailable("the journal is not open") }
+        try append(regions, to: &current)
+        journal = current
+    }
+
+    private func append(_ regions: [UInt64], to file: inout JournalFile) throws(BitmapError) {
+        let bytes = JournalFormat.records(regions, epoch: file.epoch)
+        // Positioned: a failed append leaves `length` where it was, so the retry
+        // overwrites whatever part of it reached the file.
+        try FileIO.writeAll(file.descriptor, bytes, at: file.length, path: file.path)
+        guard fdatasync(file.descriptor) == 0 else { throw FileIO.failure(file.path, "journal fsync", errno) }
+        file.length += UInt64(bytes.count)
     }
 
     // MARK: - Saving
@@ -226,8 +236,10 @@ public final class BitmapStore: @unchecked Sendable {
     }
 
     /// Writes the bits and the manifest atomically, then drops journals and data files
-    /// the new manifest no longer needs.
-    func write(_ snapshot: Snapshot, cleanShutdown: Bool) throws(BitmapError) {
+    /// the new manifest no longer needs. `committed` is set once the new manifest has
+    /// replaced the old one: after that, a failure must not roll the epoch back. A failure
+    /// before it leaves no new file behind.
+    func write(_ snapshot: Snapshot, cleanShutdown: Bool, committed: inout Bool) throws(BitmapError) {
         let dataName = "bitmaps-\(snapshot.epoch).dat"
         var data: [UInt8] = []
         var entries: [StoredState.Bitmap] = []
@@ -246,15 +258,19 @@ public final class BitmapStore: @unchecked Sendable {
             version: StoredState.currentVersion, imageSize: imageSize, epoch: snapshot.epoch,
             generation: snapshot.generation, cleanShutdown: cleanShutdown, dataFile: dataName, bitmaps: entries,
             checkpointCounter: snapshot.checkpointCounter == 0 ? nil : snapshot.checkpointCounter)
-        let encoded: Data
+        let encoded: [UInt8]
         do {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            encoded = try encoder.encode(state)
+            encoded = try state.encodedWithChecksum()
         } catch {
+            unlink(dataPath(dataName))
             throw .storeIOFailed(path: statePath, reason: "cannot encode manifest: \(error)")
         }
-        try FileIO.writeAtomically([UInt8](encoded), to: statePath, directory: directory)
+        do throws(BitmapError) {
+            try FileIO.writeAtomically(encoded, to: statePath, directory: directory, renamed: &committed)
+        } catch {
+            if !committed { unlink(dataPath(dataName)) }
+            throw error
+        }
         for name in FileIO.listDirectory(directory) {
             if let number = Self.epochNumber(name, prefix: "journal-", suffix: ".log"), number < snapshot.epoch {
                 unlink(directory + "/" + name)
@@ -264,7 +280,7 @@ public final class BitmapStore: @unchecked Sendable {
         }
     }
 
-    private static func epochNumber(_ name: String, prefix: String, suffix: String) -> UInt64? {
+    static func epochNumber(_ name: String, prefix: String, suffix: String) -> UInt64? {
         guard name.hasPrefix(prefix), name.hasSuffix(suffix) else { return nil }
         return UInt64(name.dropFirst(prefix.count).dropLast(suffix.count))
     }

@@ -48,6 +48,9 @@ public final class DirtyTracker: Sendable {
         var storeSettled = false
         /// The highest default checkpoint number (`cN`) handed out in the store's life.
         var checkpointCounter: UInt64 = 0
+        /// While a management operation's save runs: records every write, so a rollback
+        /// can restore marks into bitmaps the operation removed or disabled.
+        var rollbackWindow: DirtyBitmap?
 
         mutating func refreshJournaling() {
             journaling = bitmaps.contains { $0.persistent && $0.recording }
@@ -93,7 +96,7 @@ public final class DirtyTracker: Sendable {
         }
         initial.checkpointCounter = contents.checkpointCounter
         initial.refreshJournaling()
-        initial.storeSettled = contents.bitmaps.isEmpty && !contents.recovered
+        initial.storeSettled = contents.bitmaps.isEmpty && !contents.recovered && !contents.damaged && contents.problems.isEmpty
         let settled = initial.storeSettled
         self.state = Mutex(initial)
         if !settled { try save(cleanShutdown: false) }
@@ -129,6 +132,7 @@ public final class DirtyTracker: Sendable {
         state.withLock { state -> Modification in
             let epoch = state.writeEpoch
             adjustInFlight(epoch: epoch, by: 1)
+            state.rollbackWindow?.markDirty(offset: offset, length: length)
             guard length > 0, !state.bitmaps.isEmpty else { return Modification(epoch: epoch, journalRegions: nil) }
             for index in state.bitmaps.indices where state.bitmaps[index].recording {
                 state.bitmaps[index].bitmap.markDirty(offset: offset, length: length)
@@ -198,10 +202,21 @@ public final class DirtyTracker: Sendable {
     // MARK: - Saving
 
     /// Saves persistent bitmaps (atomically) and starts a new journal epoch. Blocking.
+    ///
+    /// The next epoch's journal is prepared (created, reserved, durable) before the epoch
+    /// switches; if that fails (a full disk) nothing has changed. If writing the bits or
+    /// the manifest fails afterwards, the switch is rolled back: regions journaled in the
+    /// new epoch are appended to the old journal and the new one is deleted, so a failed
+    /// save leaves no file behind and the journal still covers every write.
     /// - Parameter cleanShutdown: true only for the last save before a clean exit.
     public func save(cleanShutdown: Bool = false) throws(BitmapError) {
+        try saveLock.withLock { (_: inout Void) throws(BitmapError) in try saveHoldingLock(cleanShutdown: cleanShutdown) }
+    }
+
+    /// `save` with `saveLock` held by the caller.
+    private func saveHoldingLock(cleanShutdown: Bool) throws(BitmapError) {
         guard let store else { return }
-        try saveLock.withLock { (_: inout Void) throws(BitmapError) in
+        do {
             let settled = state.withLock { state in
                 // A clean stop of a store that never held bitmaps leaves it as it was.
                 if state.storeSettled && cleanShutdown && !state.bitmaps.contains(where: \.persistent) { return true }
@@ -209,9 +224,13 @@ public final class DirtyTracker: Sendable {
                 return false
             }
             guard !settled else { return }
-            let snapshot = try journalLock.withLock { (_: inout Void) throws(BitmapError) -> BitmapStore.Snapshot in
-                let snapshot = state.withLock { state -> BitmapStore.Snapshot in
-                    state.epoch += 1
+            let (nextEpoch, generation) = state.withLock { ($0.epoch + 1, $0.generation) }
+            let prepared = try store.prepareJournal(epoch: nextEpoch, generation: generation)
+            let (snapshot, previousJournal, previousEpoch, previousDurable) = journalLock.withLock { _ in
+                let (snapshot, previousEpoch, previousDurable) = state.withLock { state in
+                    let previousEpoch = state.epoch
+                    let previousDurable = state.durableRegions
+                    state.epoch = prepared.epoch
                     state.durableRegions.clearAll()
                     state.unsaved = false
                     let saved = state.bitmaps.filter(\.persistent).map { entry in
@@ -223,16 +242,42 @@ public final class DirtyTracker: Sendable {
                             lineage: entry.lineage, checkpointID: entry.checkpointID,
                             abortOnDisconnect: entry.abortOnDisconnect)
                     }
-                    return BitmapStore.Snapshot(
-                        bitmaps: saved, epoch: state.epoch, generation: state.generation,
-                        checkpointCounter: state.checkpointCounter)
+                    return (
+                        BitmapStore.Snapshot(
+                            bitmaps: saved, epoch: state.epoch, generation: state.generation,
+                            checkpointCounter: state.checkpointCounter),
+                        previousEpoch, previousDurable)
                 }
-                try store.startJournal(epoch: snapshot.epoch)
-                return snapshot
+                return (snapshot, store.switchJournal(to: prepared), previousEpoch, previousDurable)
             }
+            var committed = false
             do throws(BitmapError) {
-                try store.write(snapshot, cleanShutdown: cleanShutdown)
+                try store.write(snapshot, cleanShutdown: cleanShutdown, committed: &committed)
+                store.retire(previousJournal)
             } catch {
+                if committed {
+                    // The new manifest is in place (only its directory fsync failed): the
+                    // new epoch stands; the old journal file stays until the next save.
+                    store.retire(previousJournal)
+                } else {
+                    journalLock.withLock { _ in
+                        let newlyDurable = state.withLock { state in
+                            (0..<state.durableRegions.granuleCount).filter { state.durableRegions.isDirty(granule: $0) }
+                                .map { UInt64($0) }.filter { !previousDurable.isDirty(granule: Int($0)) }
+                        }
+                        if store.rollBackJournal(to: previousJournal, reappending: newlyDurable) {
+                            state.withLock { state in
+                                state.epoch = previousEpoch
+                                var durable = previousDurable
+                                for region in newlyDurable { durable.setBits(Int(region)...Int(region)) }
+                                state.durableRegions = durable
+                            }
+                        } else {
+                            // Both journals stay on disk and both are replayed after a crash.
+                            store.retire(previousJournal)
+                        }
+                    }
+                }
                 // The bits were not saved: the next save (FLUSH or the timer) must retry.
                 state.withLock { $0.unsaved = true }
                 throw error
@@ -250,10 +295,31 @@ public final class DirtyTracker: Sendable {
 
     /// Applies operations in order, all or nothing, atomically with respect to writes:
     /// every write lands wholly before or wholly after them. On the first error nothing
-    /// has changed and the error is thrown. Persistent changes are saved before returning.
+    /// has changed and the error is thrown. Persistent changes are saved before returning;
+    /// if that save fails the operations are rolled back (`OperationRollback`: the
+    /// bitmaps as they were, plus every write made meanwhile) and its error is thrown.
     public func perform(_ operations: [BitmapOperation]) throws(BitmapError) {
+        try perform(operations, dirtying: [])
+    }
+
+    /// Adds persistent bitmaps that start entirely dirty: for a store that started over
+    /// after damage, where nobody knows what changed since the old store's last save.
+    public func addEntirelyDirty(name: String, granularity: UInt64 = BitmapLimits.defaultGranularity) throws(BitmapError) {
+        try perform([.add(name: name, granularity: granularity, persistent: true, recording: true)], dirtying: [name])
+    }
+
+    private func perform(_ operations: [BitmapOperation], dirtying: [String]) throws(BitmapError) {
+        // The save lock is held from before the operations until their save or rollback,
+        // so no other save (FLUSH, timer) writes their effect while they may still fail.
         try operationLock.withLock { (_: inout Void) throws(BitmapError) in
-            let (touchedPersistent, epoch) = try state.withLock { (state: inout State) throws(BitmapError) -> (Bool, UInt64) in
+            try saveLock.withLock { (_: inout Void) throws(BitmapError) in try performHoldingLocks(operations, dirtying: dirtying) }
+        }
+    }
+
+    private func performHoldingLocks(_ operations: [BitmapOperation], dirtying: [String]) throws(BitmapError) {
+        do {
+            let (touchedPersistent, epoch, rollback) = try state.withLock {
+                (state: inout State) throws(BitmapError) -> (Bool, UInt64, OperationRollback?) in
                 // Keep the old array: it shares storage until an operation mutates a bitmap,
                 // so the rollback copy costs only what the operations touch.
                 let before = state.bitmaps
@@ -262,9 +328,21 @@ public final class DirtyTracker: Sendable {
                     for operation in operations {
                         persistent = try state.apply(operation, size: size, hasStore: store != nil) || persistent
                     }
+                    for name in dirtying {
+                        if let index = state.index(of: name) {
+                            state.bitmaps[index].bitmap = BitmapStore.entirelyDirty(
+                                size: size, granularity: state.bitmaps[index].bitmap.granularity)
+                        }
+                    }
+                    // Built before `before` goes: it keeps no storage a write would share.
+                    let rollback = persistent ? OperationRollback(before: before, after: state.bitmaps, size: size) : nil
+                    state.rollbackWindow = rollback?.window
                     state.refreshJournaling()
+                    // Until the save succeeds, the manifest on disk still lists the bitmaps
+                    // as they were: writes must go on being journaled for them.
+                    if before.contains(where: { $0.persistent && $0.recording }) { state.journaling = true }
                     state.writeEpoch += 1
-                    return (persistent, state.writeEpoch - 1)
+                    return (persistent, state.writeEpoch - 1, rollback)
                 } catch {
                     state.bitmaps = before
                     throw error
@@ -273,7 +351,24 @@ public final class DirtyTracker: Sendable {
             // Writes marked before the operations must land before anyone acts on them
             // (reads an increment's data, opens a view of the instant).
             drain(epoch: epoch)
-            if touchedPersistent { try save() }
+            guard touchedPersistent else { return }
+            do throws(BitmapError) {
+                try saveHoldingLock(cleanShutdown: false)
+            } catch {
+                state.withLock { state in
+                    if let rollback {
+                        state.bitmaps = rollback.restore(from: state.bitmaps, recordedWindow: state.rollbackWindow, size: size)
+                    }
+                    state.rollbackWindow = nil
+                    state.refreshJournaling()
+                    state.unsaved = true
+                }
+                throw error
+            }
+            state.withLock { state in
+                state.rollbackWindow = nil
+                state.refreshJournaling()
+            }
         }
     }
 

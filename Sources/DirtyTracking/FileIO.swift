@@ -8,6 +8,13 @@ import Glibc
 enum FileIO {
     static func describe(_ code: Int32) -> String { String(cString: strerror(code)) }
 
+    /// The error for a failed system call on `path`: `.storeFull` for a full file system,
+    /// `.storeIOFailed` otherwise.
+    static func failure(_ path: String, _ what: String, _ code: Int32) -> BitmapError {
+        let reason = "\(what): \(describe(code))"
+        return code == ENOSPC || code == EDQUOT ? .storeFull(path: path, reason: reason) : .storeIOFailed(path: path, reason: reason)
+    }
+
     /// Reads a whole file; nil when it does not exist.
     static func readFile(_ path: String) throws(BitmapError) -> [UInt8]? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -33,12 +40,19 @@ enum FileIO {
     /// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the
     /// directory. Readers see the old file or the new one, never a mix.
     static func writeAtomically(_ bytes: [UInt8], to path: String, directory: String) throws(BitmapError) {
+        var renamed = false
+        try writeAtomically(bytes, to: path, directory: directory, renamed: &renamed)
+    }
+
+    /// As `writeAtomically(_:to:directory:)`; `renamed` tells, on failure, whether the new
+    /// file already replaced the old one (only the directory fsync failed).
+    static func writeAtomically(_ bytes: [UInt8], to path: String, directory: String, renamed: inout Bool) throws(BitmapError) {
         let temporary = path + ".tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .storeIOFailed(path: temporary, reason: "cannot create: \(describe(errno))") }
+        guard fd >= 0 else { throw failure(temporary, "cannot create", errno) }
         do throws(BitmapError) {
             try writeAll(fd, bytes, path: temporary)
-            guard fdatasync(fd) == 0 else { throw BitmapError.storeIOFailed(path: temporary, reason: "fsync: \(describe(errno))") }
+            guard fdatasync(fd) == 0 else { throw failure(temporary, "fsync", errno) }
         } catch {
             close(fd)
             unlink(temporary)
@@ -46,14 +60,17 @@ enum FileIO {
         }
         close(fd)
         guard rename(temporary, path) == 0 else {
-            throw .storeIOFailed(path: path, reason: "rename: \(describe(errno))")
+            let code = errno
+            unlink(temporary)
+            throw failure(path, "rename", code)
         }
+        renamed = true
         try syncDirectory(directory)
     }
 
     static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws(BitmapError) {
         guard bytes.withUnsafeBytes({ clinuxio_write_all(fd, $0.baseAddress, $0.count) }) == 0 else {
-            throw .storeIOFailed(path: path, reason: "write: \(describe(errno))")
+            throw failure(path, "write", errno)
         }
     }
 
@@ -61,7 +78,15 @@ enum FileIO {
         let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard fd >= 0 else { throw .storeIOFailed(path: directory, reason: "cannot open: \(describe(errno))") }
         defer { close(fd) }
-        guard fsync(fd) == 0 else { throw .storeIOFailed(path: directory, reason: "fsync: \(describe(errno))") }
+        guard fsync(fd) == 0 else { throw failure(directory, "fsync", errno) }
+    }
+
+    /// Writes `bytes` at `offset` (positioned, so a failed append can simply be retried
+    /// at the same place).
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8], at offset: UInt64, path: String) throws(BitmapError) {
+        guard bytes.withUnsafeBytes({ clinuxio_pwrite_all(fd, $0.baseAddress, $0.count, off_t(offset)) }) == 0 else {
+            throw failure(path, "write", errno)
+        }
     }
 
     /// Names in a directory.

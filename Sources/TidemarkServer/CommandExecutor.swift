@@ -95,11 +95,12 @@ struct CommandExecutor {
         /// Journal and copy-before-write. A failed copy breaks its view, not the write.
         func run() throws(StorageError) {
             if let regions = modification.journalRegions {
-                do {
+                do throws(BitmapError) {
                     try tracker.makeDurable(regions)
                 } catch {
                     // Writing without a durable journal could lose dirty bits in a crash.
-                    throw StorageError.ioFailed(operation: "bitmap journal (\(error))", errno: EIO)
+                    // A full disk is reported as such, so clients can pause and resume.
+                    throw StorageError.ioFailed(operation: "bitmap journal (\(error))", errno: error.isOutOfSpace ? ENOSPC : EIO)
                 }
             }
             for entry in views { try? entry.view.preserve(offset: offset, length: length) }

@@ -69,6 +69,9 @@ public final class NBDServer: Sendable {
         let registry = self.registry
         let pool = self.pool
         let logger = self.logger
+        // Exports whose last periodic save failed: a failure is logged once, as an error,
+        // and the first success after it as info, instead of an error every interval.
+        let failing = Mutex<Set<String>>([])
         let task = group.next().scheduleRepeatedTask(
             initialDelay: Self.bitmapSaveInterval, delay: Self.bitmapSaveInterval
         ) { _ in
@@ -76,8 +79,14 @@ public final class NBDServer: Sendable {
                 for export in registry.all where export.openViews != nil {
                     do {
                         try export.tracker.saveIfNeeded()
+                        if failing.withLock({ $0.remove(export.name) != nil }) {
+                            logger.info("saving bitmaps of export '\(export.name)' works again")
+                        }
                     } catch {
-                        logger.error("saving bitmaps of export '\(export.name)' failed: \(error)")
+                        if failing.withLock({ $0.insert(export.name).inserted }) {
+                            logger.error(
+                                "saving bitmaps of export '\(export.name)' failed: \(error); the journal keeps them crash-safe, saves are retried quietly until one succeeds")
+                        }
                     }
                 }
             }

@@ -8,6 +8,9 @@ import FoundationEssentials
 #else
 import FoundationEssentials
 #endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `tidemark bitmap …`: manage bitmaps through a running server's control socket
 /// (`--control SOCK --export NAME`), or in the sidecar store of an image no server is
@@ -53,6 +56,11 @@ struct BitmapCommand: ParsableCommand {
         func withTracker<Result>(image: String, _ body: (DirtyTracker) throws -> Result) throws -> Result {
             let size = try RawImage(path: image, readOnly: true).size
             let (store, contents) = try BitmapStore.open(imagePath: image, imageSize: size)
+            // Damage found and repaired by over-reporting: the user must hear of it.
+            for problem in contents.problems {
+                let line = Array("tidemark: error: \(problem) (generation \(contents.generation))\n".utf8)
+                _ = line.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+            }
             let tracker = try DirtyTracker(store: store, contents: contents)
             let result: Result
             do {

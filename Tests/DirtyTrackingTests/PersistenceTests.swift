@@ -141,40 +141,47 @@ struct PersistenceTests {
         _ = try fixture.open(size: 1 << 30)
     }
 
-    @Test("a store written for another image size is corrupt, naming state.json")
+    @Test("a store written for another image size keeps its bitmaps at the new size, entirely dirty, generation + 1")
     func otherImageSize() throws {
         let fixture = try Fixture()
+        let oldSize: UInt64 = 1 << 30
+        let newSize: UInt64 = (1 << 30) + 512
         do {
-            let (tracker, _) = try fixture.tracker(size: 1 << 30)
+            let (tracker, _) = try fixture.tracker(size: oldSize)
             try tracker.add(name: "b0", persistent: true)
+            try tracker.add(name: "off", granularity: 4096, persistent: true, recording: false)
+            try Self.write(tracker, 4096, 1)
+            try tracker.perform([.createCheckpoint(bitmap: "b0", increment: "c1", consume: false)])
             try tracker.save(cleanShutdown: true)
         }
-        do {
-            _ = try fixture.open(size: (1 << 30) + 512)
-            Issue.record("opening a store of a 1 GiB image for a larger image succeeded")
-        } catch let error as BitmapError {
-            guard case .storeCorrupt(let path, let reason) = error else {
-                Issue.record("expected storeCorrupt, got \(error)")
-                return
-            }
-            #expect(path == fixture.store + "/state.json")
-            #expect(reason.contains("\(1 << 30)"))
-            #expect(error.description.contains("state.json"))
+        let (store, contents) = try fixture.open(size: newSize)
+        #expect(contents.bitmaps.map(\.name) == ["b0", "off", "c1"])
+        #expect(contents.bitmaps.map(\.recording) == [true, false, false])
+        #expect(contents.bitmaps[2].checkpointOf == "b0", "the pending increment is kept")
+        for bitmap in contents.bitmaps {
+            #expect(bitmap.bitmap.size == newSize)
+            #expect(bitmap.bitmap.runs() == [ByteRun(0, newSize)], "\(bitmap.name) must be entirely dirty")
         }
-        // The store was not damaged by the refused open.
-        let (_, contents) = try fixture.open(size: 1 << 30)
-        #expect(contents.bitmaps.map(\.name) == ["b0"])
+        #expect(contents.generation == 1)
+        #expect(contents.problems.count == 1)
+        #expect(contents.problems.first?.contains(fixture.store + "/state.json") == true)
+        #expect(contents.problems.first?.contains("\(oldSize)") == true)
+        let tracker = try DirtyTracker(store: store, contents: contents)
+        #expect(tracker.query().map(\.count) == [newSize + 65536 - 512, newSize + 4096 - 512, newSize + 65536 - 512])
+        #expect(try fixture.manifest()["imageSize"] as? Int == Int(newSize), "the re-created bitmaps are saved at once")
+        #expect(try fixture.manifest()["generation"] as? Int == 1)
     }
 
     enum Damage: String, CaseIterable, CustomTestStringConvertible {
-        case flipDataByte, truncateData, deleteData, garbageManifest, unknownVersion
+        case flipDataByte, truncateData, deleteData, garbageManifest, manifestChecksum, unknownVersion
         var testDescription: String { rawValue }
     }
 
-    @Test("a damaged store is corrupt, naming the damaged file", arguments: Damage.allCases)
+    @Test("a damaged store is loaded as dirty where it cannot be trusted, naming the damaged file", arguments: Damage.allCases)
     func damagedStore(damage: Damage) throws {
         let fixture = try Fixture()
         let size: UInt64 = 1 << 30
+        let written = [ByteRun(100 << 20, 1 << 20)]
         do {
             let (tracker, _) = try fixture.tracker(size: size)
             try tracker.add(name: "b0", persistent: true)
@@ -188,39 +195,63 @@ struct PersistenceTests {
         let dataPath = fixture.store + "/" + dataFiles[0]
         let statePath = fixture.store + "/state.json"
         var data = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dataPath)))
-        let damagedPath: String
+        let all = [ByteRun(0, size)]
+        // What each bitmap must load as, and the file the problem must name.
+        let expected: (b0: [ByteRun], b1: [ByteRun], path: String)
         switch damage {
         case .flipDataByte:
-            // A byte inside the second bitmap's clean words.
+            // A byte inside the second bitmap's clean words: only b1 is untrustworthy.
             data[data.count - 3] ^= 0x10
             try Data(data).write(to: URL(fileURLWithPath: dataPath))
-            damagedPath = dataPath
+            expected = (written, all, dataPath)
         case .truncateData:
             try Data(data.prefix(data.count - 8)).write(to: URL(fileURLWithPath: dataPath))
-            damagedPath = dataPath
+            expected = (written, all, dataPath)
         case .deleteData:
             try FileManager.default.removeItem(atPath: dataPath)
-            damagedPath = dataPath
+            expected = (all, all, dataPath)
         case .garbageManifest:
             try Data("{ this is not json".utf8).write(to: URL(fileURLWithPath: statePath))
-            damagedPath = statePath
+            expected = ([], [], statePath)
+        case .manifestChecksum:
+            // Valid JSON, but not what was written: a bit flipped in a flag.
+            var text = try String(contentsOfFile: statePath, encoding: .utf8)
+            text = text.replacingOccurrences(of: "\"recording\" : true", with: "\"recording\" : false")
+            try text.write(toFile: statePath, atomically: false, encoding: .utf8)
+            expected = ([], [], statePath)
         case .unknownVersion:
             var manifest = try fixture.manifest()
             manifest["version"] = 99
             try JSONSerialization.data(withJSONObject: manifest).write(to: URL(fileURLWithPath: statePath))
-            damagedPath = statePath
-        }
-        do {
-            _ = try fixture.open(size: size)
-            Issue.record("opening a store with \(damage) succeeded")
-        } catch let error as BitmapError {
-            guard case .storeCorrupt(let path, _) = error else {
-                Issue.record("expected storeCorrupt, got \(error)")
+            // A newer format is refused, never rewritten.
+            #expect(throws: BitmapError.self) { _ = try fixture.open(size: size) }
+            let error = StoreDamageTests.failure { _ = try BitmapStore.open(imagePath: fixture.image, imageSize: size) }
+            guard case .storeCorrupt(let path, let reason) = error else {
+                Issue.record("expected storeCorrupt, got \(String(describing: error))")
                 return
             }
-            #expect(path == damagedPath)
+            #expect(path == statePath)
+            #expect(reason.contains("99"))
+            #expect(!BitmapStore.isLocked(imagePath: fixture.image), "a refused open must release the lock")
+            return
         }
-        #expect(!BitmapStore.isLocked(imagePath: fixture.image), "a refused open must release the lock")
+        let (_, contents) = try fixture.open(size: size)
+        #expect(contents.generation == 1, "damage bumps the generation")
+        #expect(contents.problems.contains { $0.contains(expected.path) }, "problems: \(contents.problems)")
+        if expected.path == statePath {
+            #expect(contents.damaged)
+            #expect(contents.bitmaps.isEmpty)
+            let aside = try fixture.files().filter { $0.hasPrefix("damaged-") }
+            try #require(aside.count == 1)
+            let moved = try FileManager.default.contentsOfDirectory(atPath: fixture.store + "/" + aside[0]).sorted()
+            #expect(moved.contains("state.json") && moved.contains(dataFiles[0]), "moved: \(moved)")
+        } else {
+            #expect(!contents.damaged)
+            #expect(contents.bitmaps.map(\.name) == ["b0", "b1"])
+            #expect(contents.bitmaps.map(\.recording) == [true, true], "names and flags are kept")
+            #expect(contents.bitmaps[0].bitmap.runs() == expected.b0)
+            #expect(contents.bitmaps[1].bitmap.runs() == expected.b1)
+        }
     }
 
     // MARK: - Journal recovery
@@ -351,8 +382,8 @@ struct PersistenceTests {
         }
     }
 
-    @Test("journal replay ignores a torn last record, ids beyond the image and journals of older epochs")
-    func journalGarbage() throws {
+    @Test("journal replay ignores a torn last record and journals of older epochs")
+    func journalTornTail() throws {
         let fixture = try Fixture()
         let size: UInt64 = 8 * Self.region
         do {
@@ -365,10 +396,11 @@ struct PersistenceTests {
         let journal = fixture.store + "/journal-\(epoch).log"
         let handle = try #require(FileHandle(forWritingAtPath: journal))
         try handle.seekToEnd()
-        var bytes: [UInt8] = []
-        for value: UInt64 in [999, 1 << 40] { withUnsafeBytes(of: value.littleEndian) { bytes += $0 } }
-        bytes += [6, 0, 0]  // a torn record that would name region 6
-        try handle.write(contentsOf: Data(bytes))
+        // The first 11 bytes of a record that would name region 6: a torn append.
+        var torn: [UInt8] = []
+        withUnsafeBytes(of: UInt64(6).littleEndian) { torn += $0 }
+        torn += [1, 2, 3]
+        try handle.write(contentsOf: Data(torn))
         try handle.close()
         // A leftover journal of an older epoch naming region 7.
         var stale: [UInt8] = []
@@ -377,6 +409,8 @@ struct PersistenceTests {
 
         let (_, contents) = try fixture.open(size: size)
         #expect(contents.recovered)
+        #expect(contents.problems.isEmpty, "problems: \(contents.problems)")
+        #expect(contents.generation == 1)
         #expect(contents.bitmaps[0].bitmap.runs() == [ByteRun(Self.region, Self.region)])
     }
 }

@@ -15,6 +15,11 @@ ssize_t clinuxio_pwrite_nowait(int fd, const void *buf, size_t count, off_t offs
 /// fallocate(PUNCH_HOLE|KEEP_SIZE).
 int clinuxio_punch_hole(int fd, off_t offset, off_t length);
 
+/// fallocate(KEEP_SIZE): allocates blocks for [offset, offset+length) without changing
+/// the file size, so later writes there never need new blocks (a journal that can be
+/// appended to on a full disk). Returns 0 or -1 with errno set.
+int clinuxio_reserve(int fd, off_t offset, off_t length);
+
 /// fallocate(ZERO_RANGE|KEEP_SIZE).
 int clinuxio_zero_range(int fd, off_t offset, off_t length);
 
