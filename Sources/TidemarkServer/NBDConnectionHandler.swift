@@ -61,6 +61,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var quiescing = false
     /// Bytes of READ replies being produced on the I/O pool.
     private var offloadedReadBytes = 0
+    /// The channel's writability as last announced (`channelWritabilityChanged`), so the
+    /// per-request check is a field read rather than a call through the channel.
+    private var channelWritable = true
     /// What the request at the front of `received` holds of the payload budget.
     private var chargedBytes = 0
     /// The front request needs budget that was not available: reading waits for it.
@@ -311,12 +314,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 offloadedReadBytes += offloaded
                 future.assumeIsolated().whenComplete { [weak self] result in
                     guard let self, case .transmission = self.phase else { return }
+                    let wasAtLimit = self.offloadedReadBytes >= self.outputLimit
                     self.offloadedReadBytes -= offloaded
                     switch result {
                     case .success(let reply):
                         context.write(self.wrapOutboundOut(reply), promise: nil)
                         self.flushPending = true
                         self.completed(cost: cost, transmission: transmission, context: context)
+                        if wasAtLimit && self.offloadedReadBytes < self.outputLimit {
+                            self.resumeReading(context: context)
+                        }
                         self.scheduleFlush(context: context)
                     case .failure(let error):
                         // Only a pool that is shutting down fails; the connection cannot go on.
@@ -365,7 +372,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func isHoldingInput(context: ChannelHandlerContext) -> Bool {
         guard case .transmission(let transmission) = phase else { return false }
         return transmission.machine.shouldPauseReading || quiescing || awaitingBudget
-            || !context.channel.isWritable || offloadedReadBytes >= outputLimit
+            || !channelWritable || offloadedReadBytes >= outputLimit
     }
 
     /// True when replies waiting for the client have reached the limit: the channel is
@@ -373,14 +380,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `outputLimit`. A full burst buffer is handed to the channel first, so that the
     /// channel's writability (and with it the resumption) accounts for it.
     private func outputIsFull(context: ChannelHandlerContext) -> Bool {
-        if let outbox, outbox.readableBytes >= outputLimit {
+        if (outbox?.readableBytes ?? 0) >= outputLimit {
             flushIfNeeded(context: context)
         }
-        return !context.channel.isWritable || offloadedReadBytes >= outputLimit
+        return !channelWritable || offloadedReadBytes >= outputLimit
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
+        channelWritable = context.channel.isWritable
+        if channelWritable {
             resumeReading(context: context)
         } else {
             // Replies are piling up: push them out now rather than at the end of the tick.
