@@ -24,6 +24,7 @@ public final class ControlServer: Sendable {
         do {
             bound = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 64)
+                .childChannelOption(.writeBufferWaterMark, value: QMPConnectionHandler.waterMark)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(QMPConnectionHandler(control: control))

@@ -1,15 +1,27 @@
+import Logging
 import NIOCore
 
 /// One QMP client: greeting, capabilities negotiation, then commands in order.
 /// It parses and frames; the control plane decides.
-final class QMPConnectionHandler: ChannelInboundHandler {
+///
+/// Output is bounded: commands are not read while the client leaves more than
+/// `waterMark.high` of replies unread, and a client that lets events pile up past it is
+/// disconnected (events do not wait for a client; queuing them would grow the server
+/// without limit for a client that never reads).
+final class QMPConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
+
+    /// The control channels' write buffer water marks: 1 MiB unread is far more than any
+    /// client that reads needs (a reply or event is a few hundred bytes to a few KiB).
+    static let waterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 256 << 10, high: 1 << 20)
 
     private let control: ControlPlane
     private var splitter = QMPMessageSplitter()
     private var negotiated = false
     private var session: UInt64?
+    private var readPending = false
 
     init(control: ControlPlane) {
         self.control = control
@@ -42,6 +54,39 @@ final class QMPConnectionHandler: ChannelInboundHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    // MARK: - Flow control
+
+    func read(context: ChannelHandlerContext) {
+        guard context.channel.isWritable else {
+            readPending = true
+            return
+        }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable && readPending {
+            readPending = false
+            context.read()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Delivers an event on the channel's loop, or drops the client when it has left more
+    /// than `waterMark.high` unread.
+    private static func deliver(_ event: JSONValue, to channel: any Channel, logger: Logger) {
+        channel.eventLoop.execute {
+            guard channel.isActive else { return }
+            guard channel.isWritable else {
+                logger.warning(
+                    "closing a QMP client that does not read: more than \(waterMark.high) bytes of replies and events unread")
+                channel.close(promise: nil)
+                return
+            }
+            channel.writeAndFlush(Self.frame(event, allocator: channel.allocator), promise: nil)
+        }
     }
 
     private func handle(_ bytes: [UInt8], context: ChannelHandlerContext) {
@@ -77,9 +122,10 @@ final class QMPConnectionHandler: ChannelInboundHandler {
             // Events start only after negotiation, as in QEMU: a client still waiting for
             // its capabilities reply must not get an event instead.
             let channel = context.channel
+            let logger = control.logger
             session = control.openSession { event in
-                // Events may come from any thread; the channel hops to its loop.
-                channel.writeAndFlush(Self.frame(event, allocator: channel.allocator), promise: nil)
+                // Events may come from any thread; delivery hops to the channel's loop.
+                Self.deliver(event, to: channel, logger: logger)
             }
             return
         }

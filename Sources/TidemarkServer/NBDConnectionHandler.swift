@@ -33,9 +33,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case closed
     }
 
+    /// WRITE requests up to this size are buffered without asking the ``PayloadBudget``:
+    /// the per-connection allowance, and the 4 KiB path never touches the shared counter.
+    static let unbudgetedRequestSize = 256 << 10
+    /// How soon a connection refused budget asks again.
+    static let budgetRetryInterval: TimeAmount = .milliseconds(50)
+
     private let registry: ExportRegistry
     private let pool: NIOThreadPool
     private let handshakeTimeout: TimeAmount
+    private let requestTimeout: TimeAmount
+    private let budget: PayloadBudget
+    /// Reply bytes waiting in `outbox` or being read on the pool at which no new request
+    /// is decoded (the channel's own high water mark covers the bytes handed to it).
+    private let outputLimit: Int
     private var logger: Logger
 
     private var phase: Phase
@@ -48,15 +59,31 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var flushScheduled = false
     private var readPending = false
     private var quiescing = false
+    /// Bytes of READ replies being produced on the I/O pool.
+    private var offloadedReadBytes = 0
+    /// The channel's writability as last announced (`channelWritabilityChanged`), so the
+    /// per-request check is a field read rather than a call through the channel.
+    private var channelWritable = true
+    /// What the request at the front of `received` holds of the payload budget.
+    private var chargedBytes = 0
+    /// The front request needs budget that was not available: reading waits for it.
+    private var awaitingBudget = false
+    private var budgetRetry: Scheduled<Void>?
+    /// When bytes last arrived while a request was partly received.
+    private var lastInput = NIODeadline.now()
+    private var stallTimer: Scheduled<Void>?
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
-        logger: Logger
+        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, logger: Logger
     ) {
         self.phase = .handshake(HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies))
         self.registry = registry
         self.pool = pool
         self.handshakeTimeout = handshakeTimeout
+        self.requestTimeout = requestTimeout
+        self.budget = budget
+        self.outputLimit = outputLimit
         self.logger = logger
     }
 
@@ -83,6 +110,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         timeoutTask = nil
         phase = .closed
         received = nil
+        releaseResources()
         context.fireChannelInactive()
     }
 
@@ -110,7 +138,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Inbound bytes
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var incoming = unwrapInboundIn(data)
+        readBytes(unwrapInboundIn(data), context: context)
+        if received != nil { notePartialInput(context: context) }
+    }
+
+    private func readBytes(_ data: ByteBuffer, context: ChannelHandlerContext) {
+        var incoming = data
         guard var pending = received, pending.readableBytes > 0 else {
             received = incoming
             processReceived(context: context)
@@ -149,9 +182,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Gives a partly received WRITE one buffer of its final size now, rather than
-    /// growing it through repeated appends.
+    /// growing it through repeated appends. Above ``unbudgetedRequestSize`` the size is
+    /// first taken from the shared ``PayloadBudget``; when it does not fit, the buffer
+    /// stays as it is and reading waits (``awaitingBudget``) until it does.
     private func reserveForNextRequest(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        awaitingBudget = false
         guard let needed = decoder.bytesNeeded(in: buffer), buffer.capacity - buffer.readerIndex < needed else { return }
+        if needed > Self.unbudgetedRequestSize && chargedBytes < needed {
+            guard budget.tryAcquire(needed - chargedBytes) else {
+                waitForBudget(context: context)
+                return
+            }
+            chargedBytes = needed
+            awaitingBudget = false
+        }
         var grown = context.channel.allocator.buffer(capacity: needed)
         grown.writeBuffer(&buffer)
         buffer = grown
@@ -201,7 +245,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     enterTransmission(session, context: context)
                 }
             case .transmission(let transmission):
-                guard !transmission.machine.shouldPauseReading else { return }
+                guard !transmission.machine.shouldPauseReading, !outputIsFull(context: context) else { return }
                 switch decoder.decode(&buffer) {
                 case .needMoreData:
                     return
@@ -209,6 +253,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     logger.info("closing connection: \(error)")
                     close(context: context)
                 case .request(let request):
+                    awaitingBudget = false
+                    if chargedBytes > 0 {
+                        // Complete: its bytes now count as in flight (maximumBytesInFlight).
+                        budget.release(chargedBytes)
+                        chargedBytes = 0
+                    }
                     let disposition = transmission.machine.received(request)
                     handle(disposition, transmission: transmission, context: context)
                 }
@@ -259,13 +309,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 flushPending = true
                 completed(cost: cost, transmission: transmission, context: context)
             case .pending(let future):
+                var offloaded = 0
+                if case .read = command { offloaded = Int(cost) }
+                offloadedReadBytes += offloaded
                 future.assumeIsolated().whenComplete { [weak self] result in
                     guard let self, case .transmission = self.phase else { return }
+                    let wasAtLimit = self.offloadedReadBytes >= self.outputLimit
+                    self.offloadedReadBytes -= offloaded
                     switch result {
                     case .success(let reply):
                         context.write(self.wrapOutboundOut(reply), promise: nil)
                         self.flushPending = true
                         self.completed(cost: cost, transmission: transmission, context: context)
+                        if wasAtLimit && self.offloadedReadBytes < self.outputLimit {
+                            self.resumeReading(context: context)
+                        }
                         self.scheduleFlush(context: context)
                     case .failure(let error):
                         // Only a pool that is shutting down fails; the connection cannot go on.
@@ -302,17 +360,35 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Flow control
 
     func read(context: ChannelHandlerContext) {
-        if case .transmission(let transmission) = phase,
-            transmission.machine.shouldPauseReading || quiescing || !context.channel.isWritable
-        {
+        if isHoldingInput(context: context) {
             readPending = true
             return
         }
         context.read()
     }
 
+    /// True while the server, not the client, keeps the next request from coming in:
+    /// too much in flight, replies not yet taken by the client, no payload budget, a stop.
+    private func isHoldingInput(context: ChannelHandlerContext) -> Bool {
+        guard case .transmission(let transmission) = phase else { return false }
+        return transmission.machine.shouldPauseReading || quiescing || awaitingBudget
+            || !channelWritable || offloadedReadBytes >= outputLimit
+    }
+
+    /// True when replies waiting for the client have reached the limit: the channel is
+    /// above its high water mark, or the burst's buffer or the pool's reads are at
+    /// `outputLimit`. A full burst buffer is handed to the channel first, so that the
+    /// channel's writability (and with it the resumption) accounts for it.
+    private func outputIsFull(context: ChannelHandlerContext) -> Bool {
+        if (outbox?.readableBytes ?? 0) >= outputLimit {
+            flushIfNeeded(context: context)
+        }
+        return !channelWritable || offloadedReadBytes >= outputLimit
+    }
+
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
+        channelWritable = context.channel.isWritable
+        if channelWritable {
             resumeReading(context: context)
         } else {
             // Replies are piling up: push them out now rather than at the end of the tick.
@@ -324,12 +400,83 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func resumeReading(context: ChannelHandlerContext) {
         // Requests already buffered run first; then the socket is read again.
         processReceived(context: context)
-        if readPending, case .transmission(let transmission) = phase, !transmission.machine.shouldPauseReading,
-            context.channel.isWritable, !quiescing
-        {
+        if readPending, !isHoldingInput(context: context) {
             readPending = false
+            // Waiting on the server is not the client's stall.
+            lastInput = .now()
             context.read()
         }
+    }
+
+    // MARK: - Input limits
+
+    /// Reading stops until the front request's buffer fits in the payload budget; a
+    /// timer asks again (other connections release theirs without telling this one).
+    private func waitForBudget(context: ChannelHandlerContext) {
+        if !awaitingBudget {
+            awaitingBudget = true
+            logger.debug("payload budget of \(budget.limit) bytes exhausted; pausing input")
+        }
+        guard budgetRetry == nil else { return }
+        budgetRetry = context.eventLoop.assumeIsolated().scheduleTask(in: Self.budgetRetryInterval) { [weak self] in
+            guard let self else { return }
+            self.budgetRetry = nil
+            guard self.awaitingBudget, case .transmission = self.phase else { return }
+            self.awaitingBudget = false
+            if var buffer = self.received {
+                self.received = nil
+                self.reserveForNextRequest(&buffer, context: context)
+                self.received = buffer
+            }
+            if !self.awaitingBudget { self.resumeReading(context: context) }
+        }
+    }
+
+    /// Bytes arrived and a request is still incomplete: (re)starts the stall clock and
+    /// makes sure a timer will look at it.
+    private func notePartialInput(context: ChannelHandlerContext) {
+        guard case .transmission = phase else { return }
+        lastInput = .now()
+        if stallTimer == nil { armStallTimer(at: lastInput + requestTimeout, context: context) }
+    }
+
+    private func armStallTimer(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        stallTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [weak self] in
+            guard let self else { return }
+            self.stallTimer = nil
+            self.checkStall(context: context)
+        }
+    }
+
+    /// Closes the connection when its partly received request has not grown for
+    /// `requestTimeout` while the server was ready to read it.
+    private func checkStall(context: ChannelHandlerContext) {
+        guard case .transmission = phase, let buffer = received, buffer.readableBytes > 0,
+            (decoder.bytesMissing(in: buffer) ?? 1) > 0
+        else { return }
+        let now = NIODeadline.now()
+        if isHoldingInput(context: context) { lastInput = now }
+        if now - lastInput >= requestTimeout {
+            let needed = decoder.bytesNeeded(in: buffer).map { " of \($0)" } ?? ""
+            logger.warning(
+                "closing connection: a request stalled for \(requestTimeout.nanoseconds / 1_000_000) ms with \(buffer.readableBytes)\(needed) bytes received (--request-timeout)")
+            close(context: context)
+            return
+        }
+        armStallTimer(at: lastInput + requestTimeout, context: context)
+    }
+
+    /// Gives back the payload budget and stops the timers; the connection is gone.
+    private func releaseResources() {
+        if chargedBytes > 0 {
+            budget.release(chargedBytes)
+            chargedBytes = 0
+        }
+        awaitingBudget = false
+        budgetRetry?.cancel()
+        budgetRetry = nil
+        stallTimer?.cancel()
+        stallTimer = nil
     }
 
     private func scheduleFlush(context: ChannelHandlerContext) {
@@ -359,6 +506,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         received = nil
         timeoutTask?.cancel()
         timeoutTask = nil
+        releaseResources()
         context.close(promise: nil)
     }
 }

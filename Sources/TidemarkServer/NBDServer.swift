@@ -38,6 +38,18 @@ public final class NBDServer: Sendable {
     private let serverChannels = Mutex<[any Channel]>([])
     private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
     private let bitmapSaver = Mutex<RepeatedTask?>(nil)
+    /// The connection cap in force: `configuration.maximumConnections`, lowered at start
+    /// to what fits in the descriptor limit (see ``DescriptorLimit``).
+    private let connectionCap: Atomic<Int>
+    /// Shared by every connection: bytes of partly received WRITE requests.
+    public let payloadBudget: PayloadBudget
+    /// Refusals over the connection cap since the last warning, and when that was.
+    private let refusals = Mutex<(count: Int, lastWarning: ContinuousClock.Instant?)>((0, nil))
+    /// At most one "connection limit reached" warning in this interval.
+    static let refusalWarningInterval: Duration = .seconds(10)
+    /// The channel's write buffer water marks: above `high` a connection decodes no new
+    /// request (and QMP drops a client that reads no events) until it is below `low`.
+    public static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 1 << 20, high: 4 << 20)
     /// How often changed bitmap bits are saved (besides FLUSH and shutdown).
     public static let bitmapSaveInterval: TimeAmount = .seconds(30)
 
@@ -45,9 +57,14 @@ public final class NBDServer: Sendable {
         self.configuration = configuration
         self.registry = registry
         self.logger = logger
+        self.payloadBudget = PayloadBudget(limit: configuration.payloadBudget)
+        self.connectionCap = Atomic(configuration.maximumConnections)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopCount))
         self.pool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadCount))
     }
+
+    /// The most client connections served at once.
+    public var maximumConnections: Int { connectionCap.load(ordering: .relaxed) }
 
     /// Number of client connections open now.
     public var connectionCount: Int { connections.withLock { $0.count } }
@@ -66,6 +83,7 @@ public final class NBDServer: Sendable {
             serverChannels.withLock { $0.append(channel) }
             bound.append(BoundListener(listener: listener, port: channel.localAddress?.port))
         }
+        capConnectionsToDescriptors()
         let registry = self.registry
         let pool = self.pool
         let logger = self.logger
@@ -95,6 +113,19 @@ public final class NBDServer: Sendable {
         return bound
     }
 
+    /// Lowers the connection cap to what the descriptor limit leaves once the exports,
+    /// event loops and listeners are open, keeping ``DescriptorLimit/reserve`` spare.
+    private func capConnectionsToDescriptors() {
+        let limit = DescriptorLimit.current()
+        let requested = configuration.maximumConnections
+        let cap = limit.connectionCap(requested: requested, openNow: DescriptorLimit.openCount())
+        connectionCap.store(cap, ordering: .relaxed)
+        if cap < requested {
+            logger.warning(
+                "descriptor limit \(limit.soft) (hard \(limit.hard)) leaves room for \(cap) connections: capping connections at \(cap) instead of \(requested) (raise the limit, e.g. LimitNOFILE=, to allow more)")
+        }
+    }
+
     private func bind(_ listener: ServerConfiguration.Listener) async throws -> any Channel {
         let bootstrap = makeBootstrap()
         switch listener {
@@ -113,6 +144,9 @@ public final class NBDServer: Sendable {
         let logger = self.logger
         let timeout = configuration.handshakeTimeout
         let offersStructuredReplies = configuration.offersStructuredReplies
+        let requestTimeout = configuration.requestTimeout
+        let budget = payloadBudget
+        let waterMark = Self.writeBufferWaterMark
         return ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -120,7 +154,7 @@ public final class NBDServer: Sendable {
                 .recvAllocator,
                 value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 2 << 20))
             .childChannelOption(.maxMessagesPerRead, value: 8)
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
+            .childChannelOption(.writeBufferWaterMark, value: waterMark)
             .childChannelOption(.allowRemoteHalfClosure, value: false)
             // A 1 MiB reply goes out in one or two writes instead of many EPOLLOUT rounds
             // (3-round fio A/B: +10% on 1 MiB sequential reads).
@@ -133,7 +167,8 @@ public final class NBDServer: Sendable {
                     try channel.pipeline.syncOperations.addHandler(
                         NBDConnectionHandler(
                             registry: registry, pool: pool, handshakeTimeout: timeout,
-                            offersStructuredReplies: offersStructuredReplies, logger: logger))
+                            offersStructuredReplies: offersStructuredReplies, requestTimeout: requestTimeout,
+                            budget: budget, outputLimit: waterMark.high, logger: logger))
                 }
             }
     }
@@ -142,18 +177,33 @@ public final class NBDServer: Sendable {
     private func admit(_ channel: any Channel) -> Bool {
         let id = ObjectIdentifier(channel)
         let admitted = connections.withLock { open in
-            guard open.count < configuration.maximumConnections else { return false }
+            guard open.count < connectionCap.load(ordering: .relaxed) else { return false }
             open[id] = channel
             return true
         }
         guard admitted else {
-            logger.warning("connection limit of \(configuration.maximumConnections) reached; refusing a client")
+            warnRefused()
             return false
         }
         channel.closeFuture.whenComplete { [weak self] _ in
             _ = self?.connections.withLock { $0.removeValue(forKey: id) }
         }
         return true
+    }
+
+    /// Logs a refusal over the cap, at most once per ``refusalWarningInterval``, with the
+    /// number refused since the last warning: a client storm must not flood the log.
+    private func warnRefused() {
+        let now = ContinuousClock.now
+        let refused: Int? = refusals.withLock { state in
+            state.count += 1
+            if let last = state.lastWarning, now - last < Self.refusalWarningInterval { return nil }
+            defer { state = (0, now) }
+            return state.count
+        }
+        guard let refused else { return }
+        logger.warning(
+            "connection limit of \(maximumConnections) reached; refused \(refused) client(s) (closed at once; raise --max-connections or the descriptor limit)")
     }
 
     /// Stops gracefully: no new clients, in-flight requests finish, images are flushed.

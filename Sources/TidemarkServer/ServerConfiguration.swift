@@ -24,6 +24,13 @@ public struct ServerConfiguration: Sendable {
     /// Whether clients may negotiate structured replies (and with them block status).
     /// Off only to behave like a server that predates them.
     public var offersStructuredReplies: Bool
+    /// Bytes all connections together may hold for partly received WRITE requests
+    /// (see ``PayloadBudget``).
+    public var payloadBudget: Int
+    /// A connection whose partly received request makes no progress for this long is
+    /// closed, releasing its buffer. Time spent waiting for the payload budget or for the
+    /// client to read replies does not count.
+    public var requestTimeout: TimeAmount
 
     public init(
         listeners: [Listener],
@@ -31,7 +38,9 @@ public struct ServerConfiguration: Sendable {
         handshakeTimeout: TimeAmount = .seconds(10),
         eventLoopCount: Int = System.coreCount,
         ioThreadCount: Int = 4,
-        offersStructuredReplies: Bool = true
+        offersStructuredReplies: Bool = true,
+        payloadBudget: Int = PayloadBudget.defaultLimit,
+        requestTimeout: TimeAmount = .seconds(30)
     ) {
         self.listeners = listeners
         self.maximumConnections = maximumConnections
@@ -39,5 +48,7 @@ public struct ServerConfiguration: Sendable {
         self.eventLoopCount = eventLoopCount
         self.ioThreadCount = ioThreadCount
         self.offersStructuredReplies = offersStructuredReplies
+        self.payloadBudget = payloadBudget
+        self.requestTimeout = requestTimeout
     }
 }

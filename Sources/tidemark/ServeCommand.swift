@@ -79,6 +79,18 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Seconds a client may take to choose an export.")
     var handshakeTimeout: Int = 10
 
+    @Option(
+        help: ArgumentHelp(
+            "Seconds a partly received request may go without new bytes before its connection is closed.",
+            valueName: "SECONDS"))
+    var requestTimeout: Double = 30
+
+    @Option(
+        help: ArgumentHelp(
+            "MiB all connections together may hold for partly received WRITE requests (default: 256, or 1/8 of RAM if less).",
+            valueName: "MIB"))
+    var payloadBudget: Int?
+
     @Option(help: "Event loop threads (default: one per core).")
     var eventLoops: Int?
 
@@ -98,6 +110,12 @@ struct ServeCommand: AsyncParsableCommand {
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
+        if !(requestTimeout >= 0.1 && requestTimeout <= 86_400) {
+            throw ValidationError("--request-timeout must be between 0.1 and 86400 seconds")
+        }
+        if let payloadBudget, !(32...(1 << 20)).contains(payloadBudget) {
+            throw ValidationError("--payload-budget must be between 32 and 1048576 MiB (a 32 MiB WRITE must fit)")
+        }
         if empty && (image != nil || !exports.isEmpty) {
             throw ValidationError("--empty cannot be combined with IMAGE or --export")
         }
@@ -119,19 +137,26 @@ struct ServeCommand: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "tidemark")
+        // Before anything is opened: the connection cap is computed from it at start.
+        let descriptors = DescriptorLimit.raiseSoftLimit()
 
         let registry = ExportRegistry()
         for export in try makeExports(logger: logger) {
             try registry.add(export)
         }
         let activation = SocketActivation.fromEnvironment()
+        if descriptors.soft > descriptors.originalSoft {
+            logger.debug("descriptor limit raised from \(descriptors.originalSoft) to \(descriptors.soft)")
+        }
         let configuration = ServerConfiguration(
             listeners: activation?.listeners ?? listeners(),
             maximumConnections: maxConnections,
             handshakeTimeout: .seconds(Int64(handshakeTimeout)),
             eventLoopCount: eventLoops ?? System.coreCount,
             ioThreadCount: max(1, ioThreads),
-            offersStructuredReplies: !noStructuredReplies
+            offersStructuredReplies: !noStructuredReplies,
+            payloadBudget: payloadBudget.map { $0 << 20 } ?? PayloadBudget.defaultLimit,
+            requestTimeout: .nanoseconds(Int64(requestTimeout * 1_000_000_000))
         )
         let server = NBDServer(configuration: configuration, registry: registry, logger: logger)
         let shutdown = ShutdownTrigger(signals: [SIGINT, SIGTERM])

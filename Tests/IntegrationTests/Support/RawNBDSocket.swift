@@ -88,6 +88,26 @@ final class RawNBDSocket {
         }
     }
 
+    /// Sends what the socket takes now without waiting: the bytes sent (0 when it is
+    /// full), or nil once the server has closed the connection.
+    func sendWithoutWaiting(_ bytes: UnsafeRawBufferPointer) -> Int? {
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return 0 }
+        let n = Glibc.send(fd, base, bytes.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+        if n >= 0 { return n }
+        return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : nil
+    }
+
+    /// True once the server has closed the connection (EOF or reset), without waiting;
+    /// bytes the server sent meanwhile are discarded.
+    func peerHasClosed() -> Bool {
+        var scratch = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = scratch.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n == 0 { return true }
+            if n < 0 { return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR }
+        }
+    }
+
     /// Exactly `count` bytes; throws on EOF or timeout.
     func receive(_ count: Int) throws -> [UInt8] {
         var result = [UInt8](repeating: 0, count: count)

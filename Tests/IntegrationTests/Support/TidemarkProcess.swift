@@ -44,10 +44,12 @@ final class TidemarkProcess: @unchecked Sendable {
     private var outputLines: [String] = []
 
     /// Starts `tidemark ARGUMENTS` and waits until it announced `expectedListeners`
-    /// listeners.
+    /// listeners. A `launcher` (e.g. `["/usr/bin/prlimit", "--nofile=64:64"]`) is run
+    /// instead, with the binary and the arguments after its own; it must exec the binary,
+    /// so that the process is the server.
     init(
         arguments: [String], directory: TestDirectory, expectedListeners: Int = 1,
-        startupTimeout: TimeInterval = 30
+        startupTimeout: TimeInterval = 30, launcher: [String] = []
     ) throws {
         self.arguments = arguments
         logPath = directory.file("server.log")
@@ -60,8 +62,16 @@ final class TidemarkProcess: @unchecked Sendable {
             throw HarnessError("cannot open \(logPath)")
         }
         let stdout = Pipe()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
+        if let program = launcher.first {
+            guard FileManager.default.isExecutableFile(atPath: program) else {
+                throw HarnessError("required program \(program) is not installed (run scripts/setup)")
+            }
+            process.executableURL = URL(fileURLWithPath: program)
+            process.arguments = Array(launcher.dropFirst()) + [binary] + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = arguments
+        }
         process.standardOutput = stdout
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
