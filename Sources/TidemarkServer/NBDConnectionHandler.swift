@@ -400,6 +400,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func resumeReading(context: ChannelHandlerContext) {
         // Requests already buffered run first; then the socket is read again.
         processReceived(context: context)
+        // Their replies must go out even when no read follows (the client may have sent
+        // everything and be waiting): resumption comes from writability, the pool or a
+        // timer, never from channelReadComplete.
+        if flushPending { scheduleFlush(context: context) }
         if readPending, !isHoldingInput(context: context) {
             readPending = false
             // Waiting on the server is not the client's stall.
