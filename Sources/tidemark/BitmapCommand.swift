@@ -45,6 +45,10 @@ struct BitmapCommand: ParsableCommand {
 
         /// Splits operands into the image (offline only) and the rest.
         func split(_ operands: [String], expecting count: Int, usage: String) throws -> (image: String?, rest: [String]) {
+            if control != nil && stateDir != nil {
+                // Silently ignoring it would let the user believe another store was used.
+                throw ValidationError("--state-dir is for offline use; with --control the server uses its own state directory")
+            }
             let needed = control == nil ? count + 1 : count
             guard operands.count >= needed else {
                 throw ValidationError(control == nil ? "usage: IMAGE \(usage)" : "usage: --control SOCK [--export NAME] \(usage)")

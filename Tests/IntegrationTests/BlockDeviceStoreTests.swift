@@ -266,4 +266,34 @@ struct BlockDeviceStoreTests {
         #expect(try setup.stores().count == 1)
         try Self.expectNothingUnderDev(loop.path)
     }
+
+    @Test("with --state-dir a regular file's store goes there (none beside the image) and is found again, offline too")
+    func regularFileInStateDirectory() throws {
+        let setup = try Setup()
+        let image = try setup.backing("file.img", size: 64 << 20)
+        let server = try setup.serve(image, socket: "a.sock")
+        try Self.write(server, at: [2 << 20])
+        #expect(try server.stop() == .success)
+        #expect(!FileManager.default.fileExists(atPath: image + ".tidemark"), "no sidecar beside the image")
+        let stores = try setup.stores()
+        try #require(stores.count == 1, "\(stores)")
+        #expect(stores[0].hasPrefix("file_"), "\(stores)")
+
+        let again = try setup.serve(image, socket: "b.sock")
+        #expect(try Self.map(again) == BitmapMaps.bitmapMap(dirty: [(2 << 20, Self.granule)], size: 64 << 20))
+        #expect(try again.stop() == .success)
+        let list = try ControlPrograms.tidemark(["bitmap", "list", image, "--state-dir", setup.stateDirectory])
+        #expect(list.succeeded && list.stdout.contains("b0\t") && list.stdout.contains("count=65536"), "\(list)")
+        #expect(!FileManager.default.fileExists(atPath: image + ".tidemark"))
+    }
+
+    @Test("--help documents --state-dir and its default; --state-dir with --control is refused")
+    func helpAndOptions() throws {
+        let serve = try ControlPrograms.tidemark(["serve", "--help"])
+        #expect(serve.succeeded && serve.stdout.contains("--state-dir") && serve.stdout.contains("/var/lib/tidemark"), "\(serve)")
+        let bitmap = try ControlPrograms.tidemark(["bitmap", "list", "--help"])
+        #expect(bitmap.succeeded && bitmap.stdout.contains("--state-dir"), "\(bitmap)")
+        let both = try ControlPrograms.tidemark(["bitmap", "list", "--control", "/nonexistent.sock", "--state-dir", "/tmp"])
+        #expect(!both.succeeded && both.stderr.contains("--state-dir is for offline use"), "\(both)")
+    }
 }
