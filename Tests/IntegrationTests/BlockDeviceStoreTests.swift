@@ -296,4 +296,50 @@ struct BlockDeviceStoreTests {
         let both = try ControlPrograms.tidemark(["bitmap", "list", "--control", "/nonexistent.sock", "--state-dir", "/tmp"])
         #expect(!both.succeeded && both.stderr.contains("--state-dir is for offline use"), "\(both)")
     }
+
+    @Test("without --state-dir a block device's store goes to /var/lib/tidemark (0700), never under /dev; the test removes what it made there")
+    func defaultStateDirectory() throws {
+        let setup = try Setup()
+        let backing = try setup.backing("default.img")
+        let loop = try LoopDevice(backing: backing)
+        defer { loop.detach() }
+        let base = "/var/lib/tidemark"
+        let existed = FileManager.default.fileExists(atPath: base)
+        var store: String?
+        defer {
+            // Only what this test made: its store, the record pointing at it, the folder if new.
+            if let store {
+                try? FileManager.default.removeItem(atPath: store)
+                let name = URL(fileURLWithPath: store).lastPathComponent
+                for record in (try? FileManager.default.contentsOfDirectory(atPath: base + "/paths")) ?? [] {
+                    let link = base + "/paths/" + record
+                    if (try? FileManager.default.destinationOfSymbolicLink(atPath: link))?.hasSuffix("/" + name) == true {
+                        try? FileManager.default.removeItem(atPath: link)
+                    }
+                }
+            }
+            if !existed { try? FileManager.default.removeItem(atPath: base) }
+        }
+        let server = try TidemarkProcess(
+            arguments: ["serve", loop.path, "--unix", setup.directory.file("a.sock"), "--bitmap", "b0"],
+            directory: setup.directory)
+        try Self.write(server, at: [1 << 20])
+        #expect(try server.stop() == .success)
+        try Self.expectNothingUnderDev(loop.path)
+
+        let prefix = "bitmaps of '\(loop.path)' are in '"
+        let log = server.serverLog
+        let start = try #require(log.range(of: prefix), "\(log)")
+        let path = String(log[start.upperBound...].prefix { $0 != "'" })
+        store = path
+        #expect(path.hasPrefix(base + "/stores/loop_"), "\(path)")
+        let identity = try String(contentsOfFile: path + "/identity.json", encoding: .utf8)
+        #expect(identity.contains("default.img"), "\(identity)")
+        if !existed {
+            let attributes = try FileManager.default.attributesOfItem(atPath: base)
+            #expect((attributes[.posixPermissions] as? Int) == 0o700)
+        }
+        let list = try ControlPrograms.tidemark(["bitmap", "list", loop.path])
+        #expect(list.succeeded && list.stdout.contains("count=65536"), "offline finds the default store too: \(list)")
+    }
 }
