@@ -19,7 +19,8 @@ public final class RawImage: Sendable {
     public let isReadOnly: Bool
     /// True for block devices (no SEEK_DATA/SEEK_HOLE, size from BLKGETSIZE64).
     public let isBlockDevice: Bool
-    private let fd: Int32
+    /// Internal, not private: `DeviceIdentity` asks the open device what it is.
+    let fd: Int32
     /// Set once the kernel refuses RWF_NOWAIT writes on this file.
     private let nonBlockingWritesUnsupported = Atomic<Bool>(false)
 

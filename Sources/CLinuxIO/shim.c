@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/loop.h>
 #include <malloc.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -136,4 +137,15 @@ int clinuxio_is_block_device(int fd) {
 void clinuxio_keep_large_allocations(size_t threshold) {
     mallopt(M_MMAP_THRESHOLD, (int)threshold);
     mallopt(M_TRIM_THRESHOLD, (int)(threshold * 2));
+}
+
+int clinuxio_loop_status(int fd, uint64_t *device, uint64_t *inode, uint64_t *offset, uint64_t *sizelimit) {
+    struct loop_info64 info;
+    memset(&info, 0, sizeof info);
+    if (ioctl(fd, LOOP_GET_STATUS64, &info) != 0) return -1;
+    *device = info.lo_device;
+    *inode = info.lo_inode;
+    *offset = info.lo_offset;
+    *sizelimit = info.lo_sizelimit;
+    return 0;
 }

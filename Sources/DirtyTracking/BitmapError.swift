@@ -19,6 +19,9 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
     /// The store's file system is full (ENOSPC or EDQUOT): distinct from other I/O errors
     /// so writes can report NBD_ENOSPC, which lets QEMU pause the guest (werror=enospc).
     case storeFull(path: String, reason: String)
+    /// The disk at `imagePath` is not the one the store (`store`, or the state directory's
+    /// record of that path) was made for: its bitmaps must not be used for it.
+    case storeIdentityMismatch(imagePath: String, recorded: String, found: String, store: String, remedy: String)
 
     /// True when the failure was a full file system, which a client can act on (free
     /// space, resume) unlike other I/O errors.
@@ -69,6 +72,10 @@ public enum BitmapError: Error, Equatable, CustomStringConvertible {
                 + "life of the bitmap store (omit the name to get the next free cN)"
         case .storeFull(let path, let reason):
             return "bitmap store '\(path)': \(reason); free space on its file system"
+        case .storeIdentityMismatch(let imagePath, let recorded, let found, let store, let remedy):
+            return "'\(imagePath)' is not the disk its bitmaps belong to: identity mismatch, the bitmap store '\(store)' "
+                + "records identity '\(recorded)' but '\(imagePath)' now has identity '\(found)'; refusing to use "
+                + "another disk's bitmaps for it. \(remedy)"
         }
     }
 }

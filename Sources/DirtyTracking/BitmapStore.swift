@@ -3,8 +3,9 @@ import CLinuxIO
 import Glibc
 #endif
 
-/// The sidecar folder (`IMAGE.tidemark/`) that makes bitmaps persistent and crash-safe,
-/// for raw files and block devices alike.
+/// The folder that makes bitmaps persistent and crash-safe: `IMAGE.tidemark/` beside a
+/// raw file, or a store in a state directory (`StateDirectory`), keyed by the disk's
+/// identity, for block devices and for files when asked.
 ///
 /// Files: `state.json` (manifest, with its own checksum), `bitmaps-EPOCH.dat` (the bits as
 /// of the last save), `journal-EPOCH.log` (ids of coarse regions written since, with a
@@ -76,7 +77,20 @@ public final class BitmapStore: @unchecked Sendable {
     ///   cannot be read or repaired. Damage it can recover from by over-reporting is not
     ///   thrown but reported in `Contents.problems`.
     public static func open(imagePath: String, imageSize: UInt64) throws(BitmapError) -> (BitmapStore, Contents) {
-        let directory = Self.directory(forImage: imagePath)
+        try open(directory: directory(forImage: imagePath), imageSize: imageSize, identity: nil)
+    }
+
+    /// Opens (creating if needed) and locks the store in `directory`, as
+    /// `open(imagePath:imageSize:)` does.
+    ///
+    /// With `identity` (a store in a state directory, keyed by the disk's identity), the
+    /// store must belong to that disk: its `identity.json` is checked once the lock is
+    /// held, and written (durably, before any bitmap) when the store has none yet.
+    /// - Throws: also `.storeIdentityMismatch` when `identity.json` names another disk, and
+    ///   `.storeCorrupt` when it cannot be read: in both cases the lock is released.
+    public static func open(
+        directory: String, imageSize: UInt64, identity: StoreIdentity?
+    ) throws(BitmapError) -> (BitmapStore, Contents) {
         if mkdir(directory, 0o755) != 0 && errno != EEXIST {
             throw FileIO.failure(directory, "cannot create", errno)
         }
@@ -87,9 +101,25 @@ public final class BitmapStore: @unchecked Sendable {
             close(lockFD)
             throw .storeLocked(path: directory)
         }
+        // From here the store owns the lock descriptor: its deinit closes it on any throw.
         let store = BitmapStore(directory: directory, imageSize: imageSize, lockDescriptor: lockFD)
+        if let identity { try store.claim(for: identity) }
         let contents = try store.load()
         return (store, contents)
+    }
+
+    /// Checks that this store belongs to `identity`'s disk, recording it in a new store.
+    private func claim(for identity: StoreIdentity) throws(BitmapError) {
+        let path = directory + "/" + StoreIdentity.fileName
+        guard let recorded = try StoreIdentity.read(in: directory) else {
+            try FileIO.writeAtomically(try identity.encoded(), to: path, directory: directory)
+            return
+        }
+        guard recorded.identity == identity.identity else {
+            throw .storeIdentityMismatch(
+                imagePath: identity.path, recorded: recorded.identity, found: identity.identity, store: directory,
+                remedy: "The store was made for '\(recorded.path)'. Move the store aside if it is not needed.")
+        }
     }
 
     /// True when a running process holds the store of this image.

@@ -112,6 +112,10 @@ public final class DirtyTracker: Sendable {
     /// True when bitmaps are persisted beside the image.
     public var isPersistent: Bool { store != nil }
 
+    /// The folder of the store the bitmaps persist in (beside the image, or in a state
+    /// directory), for files that belong with it such as view sidecars; nil without one.
+    public var storeDirectory: String? { store?.directory }
+
     // MARK: - The write path
 
     /// One write, write-zeroes or trim between `willModify` and `didModify`.

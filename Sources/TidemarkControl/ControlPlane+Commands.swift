@@ -247,7 +247,8 @@ extension ControlPlane {
         let export: Export
         do {
             export = try ExportOpener.open(
-                id: id, name: name, path: path, readOnly: readOnly, description: description, bitmaps: [], logger: logger)
+                id: id, name: name, path: path, readOnly: readOnly, description: description, bitmaps: [],
+                stateDirectory: stateDirectory, logger: logger)
         } catch {
             throw QMPError(.genericError, "\(error)")
         }

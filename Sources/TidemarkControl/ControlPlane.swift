@@ -59,6 +59,9 @@ public final class ControlPlane: Sendable {
     let logger: Logger
     /// How long a checkpoint whose client disconnected stays pending before it is aborted.
     let defaultCheckpointTimeout: TimeAmount
+    /// The server's `--state-dir`: `block-export-add` opens stores where the command line
+    /// would (nil: beside files, the default state directory for block devices).
+    let stateDirectory: String?
     private let worker: NIOThreadPool
     let timerLoop: any EventLoop
     private let state = Mutex(State())
@@ -67,13 +70,15 @@ public final class ControlPlane: Sendable {
     /// - Parameters:
     ///   - timerLoop: runs the checkpoint timeouts.
     ///   - onQuit: called after `quit` has been answered.
+    ///   - stateDirectory: the server's `--state-dir`, for exports added later.
     public init(
         registry: ExportRegistry, logger: Logger, checkpointTimeout: TimeAmount = .seconds(60),
-        timerLoop: any EventLoop, onQuit: @escaping @Sendable () -> Void
+        timerLoop: any EventLoop, stateDirectory: String? = nil, onQuit: @escaping @Sendable () -> Void
     ) {
         self.registry = registry
         self.logger = logger
         self.defaultCheckpointTimeout = checkpointTimeout
+        self.stateDirectory = stateDirectory
         self.worker = NIOThreadPool(numberOfThreads: 1)
         self.timerLoop = timerLoop
         self.quitHandler = onQuit

@@ -22,25 +22,30 @@ public enum ExportOpener {
 
     /// Opens `path` as export `name`, with management id `id` (`name` when nil).
     ///
-    /// Writable regular files always get their sidecar store (`PATH.tidemark/`), so
-    /// persistent bitmaps can be added at any time and two servers cannot write one image
-    /// unknowingly; read-only images and block devices get one when it exists or bitmaps
-    /// are asked for. A requested bitmap too large for the image
-    /// (`BitmapLimits.maximumGranules`) is an error, before the store is opened.
-    /// are asked for.
+    /// Writable regular files always get their store (`PATH.tidemark/`, or in
+    /// `stateDirectory`), so persistent bitmaps can be added at any time and two servers
+    /// cannot write one image unknowingly; read-only images and block devices get one when
+    /// it exists or bitmaps are asked for. Block devices' stores are in `stateDirectory`
+    /// (default `/var/lib/tidemark`), never under `/dev` (`StoreLocator`). A requested
+    /// bitmap too large for the image (`BitmapLimits.maximumGranules`) is an error, before
+    /// the store is opened.
     ///
     /// A writable export is never served with writes its store cannot record:
     /// - a damaged store, or one made for another image size, is repaired by
     ///   over-reporting (`BitmapStore+Loading`), with an error log naming the file;
     /// - a store held by another process refuses the export (`.storeLocked` is thrown):
     ///   two writers of one image is a configuration mistake the operator must see;
+    /// - a disk that is not the one its path's store was made for (another device attached
+    ///   at `/dev/loop0`) refuses the export, read-only too (`.storeIdentityMismatch` is
+    ///   thrown): serving it read-only would still let a backup chain of the old disk take
+    ///   the new disk's data as its next point, and fresh bitmaps would claim no change;
     /// - a store that cannot be read, created or saved (full disk, I/O or permission
     ///   error, a newer format) serves the image read-only, with an error log giving the
     ///   reason: readers keep working, and nothing is written that nobody records.
     /// A read-only export whose store fails is served without bitmaps (nothing changes).
     public static func open(
         id: String? = nil, name: String, path: String, readOnly: Bool, description: String, bitmaps: [BitmapRequest],
-        logger: Logger
+        stateDirectory: String? = nil, logger: Logger
     ) throws -> Export {
         var image = try RawImage(path: path, readOnly: readOnly)
         for bitmap in bitmaps {
@@ -48,7 +53,8 @@ public enum ExportOpener {
         }
         let tracker: DirtyTracker?
         var servedReadOnly = readOnly
-        switch try Self.tracker(imagePath: path, image: image, readOnly: readOnly, bitmaps: bitmaps, logger: logger) {
+        let location = StoreLocator(image: image, stateDirectory: stateDirectory)
+        switch try Self.tracker(location: location, image: image, readOnly: readOnly, bitmaps: bitmaps, logger: logger) {
         case .tracked(let opened):
             tracker = opened
         case .untracked:
@@ -72,15 +78,18 @@ public enum ExportOpener {
     }
 
     static func tracker(
-        imagePath: String, image: RawImage, readOnly: Bool, bitmaps: [BitmapRequest], logger: Logger
+        location: StoreLocator, image: RawImage, readOnly: Bool, bitmaps: [BitmapRequest], logger: Logger
     ) throws -> TrackerOutcome {
-        let directory = BitmapStore.directory(forImage: imagePath)
-        var info = stat()
-        let storeExists = stat(directory, &info) == 0
+        let imagePath = image.path
+        let directory = location.directory
         let wantsStore = (!readOnly && !image.isBlockDevice) || !bitmaps.isEmpty
-        guard storeExists || wantsStore else { return .untracked }
+        guard location.exists || wantsStore else { return .untracked }
+        if let warning = location.warning { logger.warning("\(warning)") }
         do throws(BitmapError) {
-            let (store, contents) = try BitmapStore.open(imagePath: imagePath, imageSize: image.size)
+            let (store, contents) = try location.open(imageSize: image.size)
+            if let identity = location.identity {
+                logger.info("bitmaps of '\(imagePath)' are in '\(directory)' (disk identity '\(identity)')")
+            }
             for problem in contents.problems {
                 logger.error("\(problem) (generation \(contents.generation))")
             }
@@ -107,6 +116,9 @@ public enum ExportOpener {
                 }
             }
             return .tracked(tracker)
+        } catch .storeIdentityMismatch(let imagePath, let recorded, let found, let store, let remedy) {
+            throw BitmapError.storeIdentityMismatch(
+                imagePath: imagePath, recorded: recorded, found: found, store: store, remedy: remedy)
         } catch .storeLocked(let path) {
             // A read-only export of an image another export or server writes can go
             // without bitmaps; a second writer cannot.

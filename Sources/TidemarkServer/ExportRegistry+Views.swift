@@ -87,16 +87,16 @@ extension ExportRegistry {
     }
 
     /// Beside the bitmaps when the image has a store (so it shares their file system and
-    /// its cleanup), in /var/tmp otherwise (block devices without persistent bitmaps).
+    /// its cleanup, `ExportOpener.removeStaleViewSidecars`), in /var/tmp otherwise (block
+    /// devices without persistent bitmaps).
     private static func sidecarPath(for export: Export, checkpoint: String) -> String {
         let serial = viewSerial.wrappingAdd(1, ordering: .relaxed).newValue
         let safeName = String(checkpoint.unicodeScalars.prefix(64).map { scalar -> Character in
             scalar.properties.isAlphabetic || ("0"..."9").contains(scalar) || scalar == "-" ? Character(scalar) : "_"
         })
         let file = "\(viewSidecarPrefix)\(getpid())-\(serial)-\(safeName).cbw"
-        let directory = BitmapStore.directory(forImage: export.image.path)
-        var info = stat()
-        if stat(directory, &info) == 0 && info.st_mode & S_IFMT == S_IFDIR { return "\(directory)/\(file)" }
+        // The store's own folder (beside the image or in the state directory), never /dev.
+        if let directory = export.tracker.storeDirectory { return "\(directory)/\(file)" }
         return "/var/tmp/tidemark-\(file)"
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import BlockStorage
 import DirtyTracking
 import TidemarkControl
+import TidemarkServer
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -13,16 +14,18 @@ import Glibc
 #endif
 
 /// `tidemark bitmap …`: manage bitmaps through a running server's control socket
-/// (`--control SOCK --export NAME`), or in the sidecar store of an image no server is
-/// serving (`IMAGE` as the first operand).
+/// (`--control SOCK --export NAME`), or in the store of an image no server is serving
+/// (`IMAGE` as the first operand), found by `StoreLocator` as the server finds it.
 struct BitmapCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bitmap",
         abstract: "Manage dirty bitmaps, on a running server or offline on an image.",
         discussion: """
             With --control, the command goes to that server's QMP socket and acts on --export. \
-            Without it, the first operand is an image, and the command acts on its sidecar store \
-            IMAGE.tidemark/ (refused while a server holds it).
+            Without it, the first operand is an image or block device, and the command acts on \
+            its store (refused while a server holds it), found as `tidemark serve` finds it: \
+            IMAGE.tidemark/ beside a regular file; for a block device, or with --state-dir, in \
+            the state directory (default /var/lib/tidemark), by the disk's identity.
             """,
         subcommands: [Add.self, Remove.self, Clear.self, Enable.self, Disable.self, Merge.self, List.self, Dump.self]
     )
@@ -35,8 +38,17 @@ struct BitmapCommand: ParsableCommand {
         @Option(help: "Export (node) to act on through --control.")
         var export: String = "disk"
 
+        @Option(
+            help: ArgumentHelp(
+                "Offline: the state directory the server uses (--state-dir of tidemark serve).", valueName: "DIR"))
+        var stateDir: String?
+
         /// Splits operands into the image (offline only) and the rest.
         func split(_ operands: [String], expecting count: Int, usage: String) throws -> (image: String?, rest: [String]) {
+            if control != nil && stateDir != nil {
+                // Silently ignoring it would let the user believe another store was used.
+                throw ValidationError("--state-dir is for offline use; with --control the server uses its own state directory")
+            }
             let needed = control == nil ? count + 1 : count
             guard operands.count >= needed else {
                 throw ValidationError(control == nil ? "usage: IMAGE \(usage)" : "usage: --control SOCK [--export NAME] \(usage)")
@@ -54,12 +66,13 @@ struct BitmapCommand: ParsableCommand {
         /// Opens the image's store offline, runs `body` on its tracker, then saves and
         /// releases it as cleanly closed, whether or not `body` succeeded.
         func withTracker<Result>(image: String, _ body: (DirtyTracker) throws -> Result) throws -> Result {
-            let size = try RawImage(path: image, readOnly: true).size
-            let (store, contents) = try BitmapStore.open(imagePath: image, imageSize: size)
+            let opened = try RawImage(path: image, readOnly: true)
+            let location = StoreLocator(image: opened, stateDirectory: stateDir)
+            if let warning = location.warning { Self.printError("warning: \(warning)") }
+            let (store, contents) = try location.open(imageSize: opened.size)
             // Damage found and repaired by over-reporting: the user must hear of it.
             for problem in contents.problems {
-                let line = Array("tidemark: error: \(problem) (generation \(contents.generation))\n".utf8)
-                _ = line.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+                Self.printError("error: \(problem) (generation \(contents.generation))")
             }
             let tracker = try DirtyTracker(store: store, contents: contents)
             let result: Result
@@ -71,6 +84,12 @@ struct BitmapCommand: ParsableCommand {
             }
             try tracker.save(cleanShutdown: true)
             return result
+        }
+
+        /// Writes `tidemark: MESSAGE` to stderr.
+        static func printError(_ message: String) {
+            let line = Array("tidemark: \(message)\n".utf8)
+            _ = line.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
         }
 
         /// Runs a command whose only operand is a bitmap name.
@@ -198,10 +217,15 @@ struct BitmapCommand: ParsableCommand {
             discussion: "On a running server, read them over NBD: nbdinfo --map=qemu:dirty-bitmap:NAME URI.")
         @Argument(help: "IMAGE NAME") var operands: [String] = []
         @Flag(help: "Print JSON.") var json = false
+        @Option(
+            help: ArgumentHelp("The state directory the server uses (--state-dir of tidemark serve).", valueName: "DIR"))
+        var stateDir: String?
 
         func run() throws {
             guard operands.count == 2 else { throw ValidationError("usage: IMAGE NAME") }
-            let extents = try Target().withTracker(image: operands[0]) { tracker in
+            var target = Target()
+            target.stateDir = stateDir
+            let extents = try target.withTracker(image: operands[0]) { tracker in
                 try tracker.extents(name: operands[1], offset: 0, length: tracker.size, maximumExtents: Int.max)
             }
             if json {

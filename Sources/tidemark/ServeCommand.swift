@@ -23,6 +23,12 @@ struct ServeCommand: AsyncParsableCommand {
             1 GiB file if missing) as export 'disk' on 127.0.0.1:10809. With --unix alone it \
             listens only on that Unix socket. Under systemd socket activation (LISTEN_FDS) it \
             serves the inherited socket instead.
+
+            Persistent bitmaps of a regular file live beside it in IMAGE.tidemark/; those of a \
+            block device live in the state directory (--state-dir, default /var/lib/tidemark), \
+            in a store named after the disk's identity (WWID, serial, LVM/MD UUID, or a loop \
+            device's backing file), never under /dev. A device whose identity is not the one \
+            last served at its path is refused.
             """
     )
 
@@ -51,6 +57,12 @@ struct ServeCommand: AsyncParsableCommand {
             "Create (or load) a persistent, recording bitmap on the first export (repeatable).",
             valueName: "NAME[:GRANULARITY]"))
     var bitmaps: [String] = []
+
+    @Option(
+        help: ArgumentHelp(
+            "Folder for the bitmap stores of block devices (default /var/lib/tidemark, created 0700) and, when given, of regular files too.",
+            valueName: "DIR"))
+    var stateDir: String?
 
     @Option(help: "Human-readable description shown in export lists.")
     var description: String = ""
@@ -121,6 +133,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         if empty && control == nil { throw ValidationError("--empty needs --control to add exports later") }
         if checkpointTimeout < 0 { throw ValidationError("--checkpoint-timeout cannot be negative") }
+        if stateDir?.isEmpty == true { throw ValidationError("--state-dir needs a folder") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         for spec in exports { _ = try ExportSpecification(parsing: spec) }
         for spec in bitmaps { _ = try BitmapSpecification(parsing: spec) }
@@ -164,7 +177,7 @@ struct ServeCommand: AsyncParsableCommand {
         let controlGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let controlPlane = ControlPlane(
             registry: registry, logger: logger, checkpointTimeout: .seconds(Int64(checkpointTimeout)),
-            timerLoop: controlGroup.next(), onQuit: { shutdown.trigger("quit command") })
+            timerLoop: controlGroup.next(), stateDirectory: stateDir, onQuit: { shutdown.trigger("quit command") })
         var controlServer: ControlServer?
         if let controlPath = control ?? (usesDefaultImage ? Self.defaultControlPath : nil) {
             controlServer = try await ControlServer.start(path: controlPath, control: controlPlane, group: controlGroup)
@@ -213,7 +226,7 @@ struct ServeCommand: AsyncParsableCommand {
                 name: specification.name, path: specification.path, readOnly: specification.readOnly,
                 description: description,
                 bitmaps: index == 0 ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
-                logger: logger)
+                stateDirectory: stateDir, logger: logger)
         }
     }
 

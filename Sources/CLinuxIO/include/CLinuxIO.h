@@ -66,4 +66,10 @@ int clinuxio_is_block_device(int fd);
 /// keeps freed heap memory for reuse: large read replies then cost no page faults.
 void clinuxio_keep_large_allocations(size_t threshold);
 
+/// What a loop device is attached to (LOOP_GET_STATUS64): the backing file's device
+/// number (encoded as the kernel's huge_encode_dev, decodable like a dev_t) and inode, the
+/// offset into it and the size limit (0: none). Returns 0, or -1 with errno set (ENXIO
+/// when the loop device is not attached, ENOTTY when `fd` is not a loop device).
+int clinuxio_loop_status(int fd, uint64_t *device, uint64_t *inode, uint64_t *offset, uint64_t *sizelimit);
+
 #endif
