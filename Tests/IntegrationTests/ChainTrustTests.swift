@@ -65,16 +65,24 @@ struct ChainTrustTests {
         }
 
         var manifests: [BackupManifest] { (try? BackupDirectory(path: chain).chain()) ?? [] }
+
+        /// Writes 48 MiB and more, then starts an incremental backup in the background and
+        /// returns once its checkpoint exists (so a kill lands with the checkpoint pending).
+        func startIncrementalAfterChanges() throws -> (client: BackgroundProgram, observer: QMPTestClient, created: QMPJSON) {
+            let uri = try fixture.uri()
+            try mutateAndSnapshot(uri: uri, bulk: 48 * ChainTrustTests.mib)
+            let observer = try fixture.qmp()
+            let client = try backgroundIncremental(uri: uri, control: fixture.controlPath)
+            let created = try observer.waitForEvent("CHECKPOINT_CREATED", timeout: 60)
+            return (client, observer, created)
+        }
     }
 
     @Test("backup client killed with its checkpoint pending; the immediate rerun holds every change")
     func clientKilledThenRerun() throws {
         let setup = try Setup()
         let uri = try setup.fixture.uri()
-        try setup.mutateAndSnapshot(uri: uri, bulk: 48 * Self.mib)
-        let observer = try setup.fixture.qmp()
-        let client = try setup.backgroundIncremental(uri: uri, control: setup.fixture.controlPath)
-        let created = try observer.waitForEvent("CHECKPOINT_CREATED", timeout: 60)
+        let (client, observer, created) = try setup.startIncrementalAfterChanges()
         client.kill()
         #expect(client.wasSignalled)
         let orphan = created["data"]?["name"]
@@ -103,11 +111,7 @@ struct ChainTrustTests {
     @Test("server killed mid-pull: the client fails with a message; after a restart the rerun holds every change, and an unclaimed checkpoint is aborted after the timeout")
     func serverKilledThenRerun() throws {
         let setup = try Setup()
-        let uri = try setup.fixture.uri()
-        try setup.mutateAndSnapshot(uri: uri, bulk: 48 * Self.mib)
-        let observer = try setup.fixture.qmp()
-        let client = try setup.backgroundIncremental(uri: uri, control: setup.fixture.controlPath)
-        _ = try observer.waitForEvent("CHECKPOINT_CREATED", timeout: 60)
+        let (client, _, _) = try setup.startIncrementalAfterChanges()
         _ = try setup.fixture.server.stop(signal: SIGKILL)
         let failed = try client.wait(timeout: 120)
         #expect(!client.wasSignalled && failed.status == 1, "a clear failure, not SIGPIPE: \(failed)")

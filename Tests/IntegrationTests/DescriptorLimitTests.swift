@@ -8,14 +8,22 @@ import Testing
 struct DescriptorLimitTests {
     static let prlimit = "/usr/bin/prlimit"
 
-    @Test("started with a soft limit below the hard one (prlimit --nofile=64:4096), the server raises it to 4096")
-    func raisesSoftLimit() throws {
+    /// `tidemark serve` of a small image on a Unix socket, under `prlimit --nofile=LIMITS`;
+    /// the directory goes with the server (it holds the image and the socket).
+    static func serve(nofile limits: String) throws -> (TidemarkProcess, TestDirectory) {
         let directory = try TestDirectory()
         let image = directory.file("image.raw")
         try ImageFile.createSparse(image, size: 1 << 20)
         let server = try TidemarkProcess(
             arguments: ["serve", image, "--unix", directory.socketPath], directory: directory,
-            launcher: [Self.prlimit, "--nofile=64:4096"])
+            launcher: [prlimit, "--nofile=\(limits)"])
+        return (server, directory)
+    }
+
+    @Test("started with a soft limit below the hard one (prlimit --nofile=64:4096), the server raises it to 4096")
+    func raisesSoftLimit() throws {
+        let (server, directory) = try Self.serve(nofile: "64:4096")
+        defer { withExtendedLifetime(directory) {} }
         let limits = try ProcessStatus.openFileLimits(of: server.process.processIdentifier)
         #expect(limits.soft == 4096 && limits.hard == 4096, "limits are \(limits)")
         // With 4096 descriptors the default cap of 1024 fits: no warning.
@@ -25,12 +33,8 @@ struct DescriptorLimitTests {
 
     @Test("with a hard limit of 64 the cap is lowered; the client over it is closed at once and logged; a freed slot is reused")
     func capsConnections() throws {
-        let directory = try TestDirectory()
-        let image = directory.file("image.raw")
-        try ImageFile.createSparse(image, size: 1 << 20)
-        let server = try TidemarkProcess(
-            arguments: ["serve", image, "--unix", directory.socketPath], directory: directory,
-            launcher: [Self.prlimit, "--nofile=64:64"])
+        let (server, directory) = try Self.serve(nofile: "64:64")
+        defer { withExtendedLifetime(directory) {} }
         let socketPath = directory.socketPath
         let log = server.serverLog
         guard let range = log.range(of: "capping connections at "),
@@ -65,13 +69,7 @@ struct DescriptorLimitTests {
 
         // Freeing a slot lets a new client in.
         clients[0] = nil
-        var greeted = false
-        for _ in 0..<50 where !greeted {
-            let retry = try RawNBDSocket(unixSocket: socketPath, timeout: 5)
-            greeted = (try? retry.readGreeting()) != nil
-            if !greeted { Thread.sleep(forTimeInterval: 0.1) }
-        }
-        #expect(greeted, "no greeting after a slot was freed")
+        #expect(try RawNBDSocket.awaitGreeting(unixSocket: socketPath), "no greeting after a slot was freed")
         clients.removeAll()
         try server.stop()
     }

@@ -43,13 +43,7 @@ struct LimitsTests {
 
         // Closing one of the first two frees its slot.
         first = nil
-        var greeted = false
-        for _ in 0..<50 where !greeted {
-            let retry = try RawNBDSocket(unixSocket: socketPath, timeout: 5)
-            greeted = (try? retry.readGreeting()) != nil
-            if !greeted { Thread.sleep(forTimeInterval: 0.1) }
-        }
-        #expect(greeted, "no greeting after a slot was freed")
+        #expect(try RawNBDSocket.awaitGreeting(unixSocket: socketPath), "no greeting after a slot was freed")
         _ = second
         #expect(fixture.server.isRunning)
     }

@@ -293,3 +293,16 @@ final class RawNBDSocket {
         bytes[offset..<offset + 8].reduce(0) { $0 << 8 | UInt64($1) }
     }
 }
+
+extension RawNBDSocket {
+    /// Connects again and again (up to `attempts`, 0.1 s apart) until the server greets:
+    /// a connection slot that was just freed is taken within that time.
+    static func awaitGreeting(unixSocket path: String, attempts: Int = 50) throws -> Bool {
+        for _ in 0..<attempts {
+            let socket = try RawNBDSocket(unixSocket: path, timeout: 5)
+            if (try? socket.readGreeting()) != nil { return true }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        return false
+    }
+}
