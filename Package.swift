@@ -61,11 +61,15 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // QMP's wire format, shared by the server's control plane, the backup client and the
+        // tests: JSON values and a strict parser, message framing, errors, a blocking client.
+        // No NIO, so the backup client does not link the server's stack.
+        .target(name: "QMPWire", dependencies: ["CLinuxIO"], swiftSettings: strictSettings),
         // QMP-compatible management socket: bitmap commands, transactions, checkpoints.
         .target(
             name: "TidemarkControl",
             dependencies: [
-                "TidemarkServer", "DirtyTracking", "BlockStorage", "CLinuxIO",
+                "QMPWire", "TidemarkServer", "DirtyTracking", "BlockStorage", "CLinuxIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -80,7 +84,7 @@ let package = Package(
         .executableTarget(
             name: "tidemark",
             dependencies: [
-                "TidemarkServer", "TidemarkControl", "BlockStorage", "DirtyTracking", "CLinuxIO",
+                "TidemarkServer", "TidemarkControl", "QMPWire", "BlockStorage", "DirtyTracking", "CLinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -92,7 +96,7 @@ let package = Package(
         .executableTarget(
             name: "tidemark-backup",
             dependencies: [
-                "TidemarkBackup", "NBDClient", "TidemarkControl", "CLinuxIO",
+                "TidemarkBackup", "NBDClient", "QMPWire", "CLinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings,
@@ -112,7 +116,7 @@ let package = Package(
         ),
         .testTarget(
             name: "TidemarkControlTests",
-            dependencies: ["TidemarkControl"],
+            dependencies: ["TidemarkControl", "QMPWire"],
             swiftSettings: strictSettings
         ),
         .testTarget(
@@ -127,7 +131,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["TestSupport", "NBDClient", "TidemarkBackup", "TidemarkControl"],
+            dependencies: ["TestSupport", "NBDClient", "TidemarkBackup", "QMPWire"],
             swiftSettings: strictSettings
         ),
     ]

@@ -1,3 +1,4 @@
+import QMPWire
 import BlockStorage
 import DirtyTracking
 import Logging

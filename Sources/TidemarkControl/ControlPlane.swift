@@ -1,3 +1,4 @@
+import QMPWire
 import DirtyTracking
 import Logging
 import NIOCore

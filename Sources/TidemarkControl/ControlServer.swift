@@ -1,3 +1,4 @@
+import QMPWire
 import Logging
 import NIOCore
 import NIOPosix

@@ -1,3 +1,5 @@
+import QMPWire
+
 /// Typed access to a command's `arguments`, with QEMU's error messages for a missing,
 /// mistyped or unexpected parameter.
 public struct QMPArguments {

@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import QMPWire
 
 /// One QMP client: greeting, capabilities negotiation, then commands in order.
 /// It parses and frames; the control plane decides.

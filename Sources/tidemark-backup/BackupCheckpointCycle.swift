@@ -1,5 +1,5 @@
 import TidemarkBackup
-import TidemarkControl
+import QMPWire
 
 /// The `--control` cycle of a backup from a Tidemark server: create a checkpoint with a
 /// point-in-time view, pull from the view, complete the checkpoint on success, abort it on

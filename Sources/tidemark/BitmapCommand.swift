@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockStorage
 import DirtyTracking
+import QMPWire
 import TidemarkControl
 import TidemarkServer
 

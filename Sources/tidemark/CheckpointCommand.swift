@@ -1,5 +1,6 @@
 import ArgumentParser
 import DirtyTracking
+import QMPWire
 import TidemarkControl
 
 /// `tidemark checkpoint create|complete|abort`: the one-step checkpoint on a running server.

@@ -3,7 +3,7 @@ import NBDClient
 import Testing
 import TestSupport
 import TidemarkBackup
-import TidemarkControl
+import QMPWire
 
 #if canImport(Glibc)
 import Glibc

@@ -2,7 +2,7 @@ import Foundation
 import NBDClient
 import Synchronization
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// Checkpoints and transactions are atomic with respect to writes from every connection:
 /// writers on several libnbd connections write random granules while the test runs

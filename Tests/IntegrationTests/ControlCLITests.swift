@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// The `tidemark` command line against a running server through its control socket:
 /// `bitmap add|remove|clear|enable|disable|merge|list --control`, `checkpoint

@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// The one-step checkpoint end to end (increments read through NBD, complete, abort,
 /// consume), abort on disconnect, checkpoint errors, and transactions: all or nothing.

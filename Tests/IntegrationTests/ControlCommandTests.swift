@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// Every control command over a raw QMP socket, with its errors: the bitmap commands,
 /// the queries, runtime exports and `quit` (in ControlQMPTests).

@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// The control socket with the real QMP client: QEMU's `qemu.qmp` Python package (async
 /// and legacy APIs) and its `qmp-shell`, run by `/usr/bin/python3` (installed by

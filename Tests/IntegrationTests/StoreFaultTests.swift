@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// Faults of the bitmap store seen through the real server and real clients: a damaged
 /// journal after SIGKILL, an image resized while stopped, a full disk. The promise in

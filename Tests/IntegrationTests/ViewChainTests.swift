@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// The backup chain while writers go on: a full copy from a first view, then increments
 /// pulled from views of later checkpoints, by the nbdcopy recipe and by

@@ -1,4 +1,5 @@
 import Testing
+import QMPWire
 import TidemarkControl
 
 @Suite("QMP message splitter")

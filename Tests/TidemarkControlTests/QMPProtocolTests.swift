@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import QMPWire
 import TidemarkControl
 
 #if canImport(Glibc)

@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Synchronization
-import TidemarkControl
+import QMPWire
 
 /// Helpers for the point-in-time view tests: checkpoints with views, the nbdcopy pull
 /// recipe, whole-export reads and writers that run for the whole test.
