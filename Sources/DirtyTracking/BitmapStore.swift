@@ -66,6 +66,8 @@ public final class BitmapStore: @unchecked Sendable {
         /// What was wrong with the store and what was done about it, each naming the file:
         /// for the caller to log as errors.
         public var problems: [String] = []
+        /// Sidecars of views from an earlier run, removed at open: for the caller to log.
+        public var removedViewSidecars: [String] = []
     }
 
     /// The sidecar folder for an image.
@@ -104,7 +106,8 @@ public final class BitmapStore: @unchecked Sendable {
         // From here the store owns the lock descriptor: its deinit closes it on any throw.
         let store = BitmapStore(directory: directory, imageSize: imageSize, lockDescriptor: lockFD)
         if let identity { try store.claim(for: identity) }
-        let contents = try store.load()
+        var contents = try store.load()
+        contents.removedViewSidecars = store.removeStaleViewSidecars()
         return (store, contents)
     }
 

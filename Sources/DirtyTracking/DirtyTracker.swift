@@ -116,6 +116,10 @@ public final class DirtyTracker: Sendable {
     /// directory), for files that belong with it such as view sidecars; nil without one.
     public var storeDirectory: String? { store?.directory }
 
+    /// A fresh path for a view's copy-before-write sidecar in the store's folder; nil
+    /// without a store.
+    public func viewSidecarPath(checkpoint: String) -> String? { store?.viewSidecarPath(checkpoint: checkpoint) }
+
     // MARK: - The write path
 
     /// One write, write-zeroes or trim between `willModify` and `didModify`.

@@ -97,7 +97,9 @@ public enum ExportOpener {
                 logger.warning(
                     "bitmaps of '\(imagePath)' recovered after an unclean stop; every region written since the last save is marked dirty (generation \(contents.generation))")
             }
-            removeStaleViewSidecars(in: directory, logger: logger)
+            for path in contents.removedViewSidecars {
+                logger.info("removed the sidecar of a view from an earlier run: \(path)")
+            }
             let tracker = try DirtyTracker(store: store, contents: contents)
             let existing = Dictionary(tracker.query().map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
             for bitmap in bitmaps {
@@ -133,22 +135,6 @@ public enum ExportOpener {
             logger.error(
                 "\(error); serving '\(imagePath)' read-only: its writes could not be recorded in its bitmaps. Fix the cause and restart the export to write again")
             return .readOnly
-        }
-    }
-
-    /// Views do not outlive the server that opened them; holding the store's lock means
-    /// no other server uses these files.
-    private static func removeStaleViewSidecars(in directory: String, logger: Logger) {
-        guard let handle = opendir(directory) else { return }
-        defer { closedir(handle) }
-        while let entry = readdir(handle) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-            }
-            guard name.hasPrefix(ExportRegistry.viewSidecarPrefix), name.hasSuffix(".cbw") else { continue }
-            if unlink("\(directory)/\(name)") == 0 {
-                logger.info("removed the sidecar of a view from an earlier run: \(directory)/\(name)")
-            }
         }
     }
 }

@@ -1,19 +1,12 @@
 import BlockStorage
 import DirtyTracking
 import NIOCore
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Numbers sidecar files, so two views never share one whatever their names.
-private let viewSerial = Atomic<UInt64>(0)
-
 extension ExportRegistry {
-    /// Sidecar files of views start with this; stale ones are removed when a store opens.
-    public static let viewSidecarPrefix = "view-"
-
     /// The export names of a view of `export` at `checkpoint`: `disk@c3` shows the image
     /// at the instant, `disk@c3.changes` the same data with the increment as allocation.
     public static func viewExportNames(of export: String, checkpoint: String) -> [String] {
@@ -86,17 +79,11 @@ extension ExportRegistry {
         return nil
     }
 
-    /// Beside the bitmaps when the image has a store (so it shares their file system and
-    /// its cleanup, `ExportOpener.removeStaleViewSidecars`), in /var/tmp otherwise (block
-    /// devices without persistent bitmaps).
+    /// In the image's bitmap store, which owns its folder's layout and removes stale
+    /// sidecars when it opens; in /var/tmp for an image without a store (a block device
+    /// without persistent bitmaps).
     private static func sidecarPath(for export: Export, checkpoint: String) -> String {
-        let serial = viewSerial.wrappingAdd(1, ordering: .relaxed).newValue
-        let safeName = String(checkpoint.unicodeScalars.prefix(64).map { scalar -> Character in
-            scalar.properties.isAlphabetic || ("0"..."9").contains(scalar) || scalar == "-" ? Character(scalar) : "_"
-        })
-        let file = "\(viewSidecarPrefix)\(getpid())-\(serial)-\(safeName).cbw"
-        // The store's own folder (beside the image or in the state directory), never /dev.
-        if let directory = export.tracker.storeDirectory { return "\(directory)/\(file)" }
-        return "/var/tmp/tidemark-\(file)"
+        export.tracker.viewSidecarPath(checkpoint: checkpoint)
+            ?? "/var/tmp/tidemark-" + BitmapStore.viewSidecarName(checkpoint: checkpoint)
     }
 }
