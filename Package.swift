@@ -124,7 +124,7 @@ let package = Package(
         ),
         .testTarget(
             name: "TidemarkServiceTests",
-            dependencies: ["TidemarkService", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TestSupport", "TidemarkService", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -44,10 +44,10 @@ final class TidemarkProcess: @unchecked Sendable {
     private var outputLines: [String] = []
 
     /// Starts `tidemark ARGUMENTS` and waits until it announced `expectedListeners`
-    /// listeners.
+    /// listeners (0: returns at once). `environment` is added to the test's own.
     init(
         arguments: [String], directory: TestDirectory, expectedListeners: Int = 1,
-        startupTimeout: TimeInterval = 30
+        startupTimeout: TimeInterval = 30, environment: [String: String] = [:]
     ) throws {
         self.arguments = arguments
         logPath = directory.file("server.log")
@@ -65,6 +65,9 @@ final class TidemarkProcess: @unchecked Sendable {
         process.standardOutput = stdout
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         stdout.fileHandleForReading.readabilityHandler = { [weak self] handle in
             let data = handle.availableData
             guard !data.isEmpty else {
