@@ -76,6 +76,13 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // Running under a service manager: log lines for machines (text or JSON) and the
+        // sd_notify protocol (readiness, watchdog, status). Knows nothing of NBD.
+        .target(
+            name: "TidemarkService",
+            dependencies: [.product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictSettings
+        ),
         // libnbd, the C client library behind nbdinfo, nbdcopy and fio's nbd engine.
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(name: "NBDClient", dependencies: ["CLibNBD"], swiftSettings: strictSettings),
@@ -84,7 +91,7 @@ let package = Package(
         .executableTarget(
             name: "tidemark",
             dependencies: [
-                "TidemarkServer", "TidemarkControl", "QMPWire", "BlockStorage", "DirtyTracking", "CLinuxIO",
+                "TidemarkServer", "TidemarkControl", "QMPWire", "TidemarkService", "BlockStorage", "DirtyTracking", "CLinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -117,6 +124,11 @@ let package = Package(
         .testTarget(
             name: "TidemarkControlTests",
             dependencies: ["TidemarkControl", "QMPWire"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "TidemarkServiceTests",
+            dependencies: ["TestSupport", "TidemarkService", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
         .testTarget(

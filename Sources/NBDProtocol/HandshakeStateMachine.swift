@@ -58,6 +58,7 @@ public struct HandshakeStateMachine {
     private var contextsExport: String?
     private var optionCount = 0
     private let offersStructuredReplies: Bool
+    private var pendingRefusal: HandshakeRefusal?
 
     /// `offersStructuredReplies: false` answers `NBD_OPT_STRUCTURED_REPLY` with
     /// `NBD_REP_ERR_UNSUP`, as nbdkit's `--no-sr` does: clients then fall back to simple
@@ -74,6 +75,13 @@ public struct HandshakeStateMachine {
     /// Writes the 18-byte greeting the server sends as soon as a client connects.
     public func writeGreeting(into output: inout ByteBuffer) {
         output.writeMultipleIntegers(NBDMagic.greeting, NBDMagic.option, Self.serverFlags.rawValue)
+    }
+
+    /// The refusal made by the last `process` call, if any, cleared by reading it: the
+    /// connection logs it with its reason.
+    public mutating func takeRefusal() -> HandshakeRefusal? {
+        defer { pendingRefusal = nil }
+        return pendingRefusal
     }
 
     /// Consumes at most one message from `input` and writes any replies to `output`.
@@ -141,6 +149,7 @@ public struct HandshakeStateMachine {
             if data.readableBytes > 0 {
                 OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "STARTTLS takes no data", into: &output)
             } else {
+                pendingRefusal = .tlsNotConfigured
                 OptionReplyWriter.error(
                     option, NBDOptionReply.errorPolicy, "TLS is not configured on this server", into: &output)
             }
@@ -240,6 +249,7 @@ public struct HandshakeStateMachine {
             }
         }
         guard let summary = catalog.exportSummary(named: name) else {
+            pendingRefusal = .unknownExport(name: Self.truncated(name), option: option)
             OptionReplyWriter.error(option, NBDOptionReply.errorUnknown, "no export named '\(Self.truncated(name))'", into: &output)
             return .continueNegotiating
         }

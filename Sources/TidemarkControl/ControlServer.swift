@@ -2,6 +2,7 @@ import QMPWire
 import Logging
 import NIOCore
 import NIOPosix
+import TidemarkServer
 
 #if canImport(Glibc)
 import Glibc
@@ -18,7 +19,12 @@ public final class ControlServer: Sendable {
     }
 
     /// Binds `path` (replacing a stale socket file) with mode 0600 and starts serving.
-    public static func start(path: String, control: ControlPlane, group: any EventLoopGroup) async throws -> ControlServer {
+    /// Each connection's opening and closing is logged to `logger`, numbered in the same
+    /// sequence as NBD connections.
+    public static func start(
+        path: String, control: ControlPlane, group: any EventLoopGroup,
+        logger: Logger = Logger(label: "tidemark", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) async throws -> ControlServer {
         // Create the socket already private: no window in which others could connect.
         let previous = umask(0o177)
         let bound: any Channel
@@ -27,7 +33,12 @@ public final class ControlServer: Sendable {
                 .serverChannelOption(.backlog, value: 64)
                 .childChannelOption(.writeBufferWaterMark, value: QMPConnectionHandler.waterMark)
                 .childChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
+                    var connectionLogger = logger
+                    connectionLogger[metadataKey: "connection"] = .stringConvertible(ConnectionIdentifier.next())
+                    connectionLogger[metadataKey: "socket"] = "control"
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            ConnectionAccountingHandler(logger: connectionLogger, kind: "control"))
                         try channel.pipeline.syncOperations.addHandler(QMPConnectionHandler(control: control))
                     }
                 }

@@ -90,7 +90,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Lifecycle
 
     func channelActive(context: ChannelHandlerContext) {
-        if let remote = context.remoteAddress { logger[metadataKey: "peer"] = "\(remote)" }
         if case .handshake(let machine) = phase {
             var greeting = context.channel.allocator.buffer(capacity: 18)
             machine.writeGreeting(into: &greeting)
@@ -99,7 +98,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let loop = context.eventLoop.assumeIsolated()
         timeoutTask = loop.scheduleTask(in: handshakeTimeout) { [weak self] in
             guard let self, case .handshake = self.phase else { return }
-            self.logger.info("handshake timed out")
+            self.logger.warning(
+                "handshake refused: no export chosen within \(self.handshakeTimeout.nanoseconds / 1_000_000_000) s",
+                metadata: ["event": "handshake.refused", "reason": "handshake timed out"])
             self.close(context: context)
         }
         context.fireChannelActive()
@@ -226,6 +227,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .handshake(var machine):
                 var output = context.channel.allocator.buffer(capacity: 256)
                 let action = machine.process(&buffer, catalog: registry, output: &output)
+                if let refusal = machine.takeRefusal() {
+                    var metadata: Logger.Metadata = ["event": "handshake.refused", "reason": "\(refusal)"]
+                    if let name = refusal.exportName { metadata["export"] = .string(name) }
+                    logger.warning("handshake refused: \(refusal)", metadata: metadata)
+                }
                 phase = .handshake(machine)
                 if output.readableBytes > 0 {
                     context.write(wrapOutboundOut(output), promise: nil)
@@ -239,7 +245,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .abort:
                     close(context: context)
                 case .close(let failure):
-                    logger.info("handshake ended: \(failure)")
+                    logger.warning(
+                        "handshake refused: \(failure)", metadata: ["event": "handshake.refused", "reason": "\(failure)"])
                     close(context: context)
                 case .enterTransmission(let session):
                     enterTransmission(session, context: context)
@@ -250,7 +257,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .needMoreData:
                     return
                 case .protocolViolation(let error):
-                    logger.info("closing connection: \(error)")
+                    logger.warning(
+                        "closing connection: \(error)", metadata: ["event": "protocol.violation", "reason": "\(error)"])
                     close(context: context)
                 case .request(let request):
                     awaitingBudget = false
@@ -270,11 +278,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         timeoutTask?.cancel()
         timeoutTask = nil
         guard let export = registry.export(named: session.exportName) else {
+            logger.warning(
+                "handshake refused: export '\(session.exportName)' was removed during the handshake",
+                metadata: ["event": "handshake.refused", "reason": "export removed", "export": "\(session.exportName)"])
             close(context: context)
             return
         }
         logger[metadataKey: "export"] = "\(session.exportName)"
         logger.debug("transmission started")
+        context.triggerUserOutboundEvent(ConnectionExportChosen(exportName: session.exportName), promise: nil)
         let executor = CommandExecutor(
             export: export, session: session, allocator: context.channel.allocator, pool: pool,
             eventLoop: context.eventLoop)

@@ -160,10 +160,16 @@ public final class NBDServer: Sendable {
             // (3-round fio A/B: +10% on 1 MiB sequential reads).
             .childChannelOption(.socketOption(.so_sndbuf), value: 4 << 20)
             .childChannelInitializer { [weak self] channel in
-                guard let self, self.admit(channel) else {
+                var logger = logger
+                if let peer = ConnectionAccountingHandler.peerDescription(channel.remoteAddress) {
+                    logger[metadataKey: "peer"] = .string(peer)
+                }
+                guard let self, self.admit(channel, logger: logger) else {
                     return channel.close()
                 }
+                logger[metadataKey: "connection"] = .stringConvertible(ConnectionIdentifier.next())
                 return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectionAccountingHandler(logger: logger, kind: "NBD"))
                     try channel.pipeline.syncOperations.addHandler(
                         NBDConnectionHandler(
                             registry: registry, pool: pool, handshakeTimeout: timeout,
@@ -174,7 +180,7 @@ public final class NBDServer: Sendable {
     }
 
     /// Registers a new connection unless the limit is reached.
-    private func admit(_ channel: any Channel) -> Bool {
+    private func admit(_ channel: any Channel, logger: Logger) -> Bool {
         let id = ObjectIdentifier(channel)
         let admitted = connections.withLock { open in
             guard open.count < connectionCap.load(ordering: .relaxed) else { return false }
@@ -203,7 +209,12 @@ public final class NBDServer: Sendable {
         }
         guard let refused else { return }
         logger.warning(
-            "connection limit of \(maximumConnections) reached; refused \(refused) client(s) (closed at once; raise --max-connections or the descriptor limit)")
+            "connection refused: connection limit of \(maximumConnections) reached; refused \(refused) client(s) (closed at once; raise --max-connections or the descriptor limit)",
+            metadata: [
+                "event": "connection.refused",
+                "reason": "connection limit of \(maximumConnections) reached",
+                "refused": "\(refused)",
+            ])
     }
 
     /// Stops gracefully: no new clients, in-flight requests finish, images are flushed.

@@ -19,8 +19,16 @@ struct ToolResult: CustomStringConvertible {
 /// Interop is the point of these tests, so a missing tool is a failure, not a skip: the
 /// lookup throws and the test fails with the tool's name.
 enum ExternalTool {
-    /// Absolute path of `name` found on `PATH` (plus the usual system directories).
+    /// Absolute path of `name` found on `PATH` (plus the usual system directories), or
+    /// `name` itself when it is an absolute path.
     static func locate(_ name: String) throws -> String {
+        // An absolute path (an installed binary under test) is taken as it is.
+        if name.hasPrefix("/") {
+            guard FileManager.default.isExecutableFile(atPath: name) else {
+                throw HarnessError("`\(name)` is not an executable file")
+            }
+            return name
+        }
         let environmentPath = ProcessInfo.processInfo.environment["PATH"] ?? ""
         let directories = environmentPath.split(separator: ":").map(String.init) + ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
         for directory in directories {

@@ -44,12 +44,13 @@ final class TidemarkProcess: @unchecked Sendable {
     private var outputLines: [String] = []
 
     /// Starts `tidemark ARGUMENTS` and waits until it announced `expectedListeners`
-    /// listeners. A `launcher` (e.g. `["/usr/bin/prlimit", "--nofile=64:64"]`) is run
-    /// instead, with the binary and the arguments after its own; it must exec the binary,
-    /// so that the process is the server.
+    /// listeners (0: returns at once). A `launcher` (e.g. `["/usr/bin/prlimit",
+    /// "--nofile=64:64"]`) is run instead, with the binary and the arguments after its own;
+    /// it must exec the binary, so that the process is the server. `environment` is added
+    /// to the test's own.
     init(
         arguments: [String], directory: TestDirectory, expectedListeners: Int = 1,
-        startupTimeout: TimeInterval = 30, launcher: [String] = []
+        startupTimeout: TimeInterval = 30, launcher: [String] = [], environment: [String: String] = [:]
     ) throws {
         self.arguments = arguments
         logPath = directory.file("server.log")
@@ -75,6 +76,9 @@ final class TidemarkProcess: @unchecked Sendable {
         process.standardOutput = stdout
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         stdout.fileHandleForReading.readabilityHandler = { [weak self] handle in
             let data = handle.availableData
             guard !data.isEmpty else {
