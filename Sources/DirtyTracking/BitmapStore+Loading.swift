@@ -41,8 +41,28 @@ extension BitmapStore {
                     path: statePath,
                     reason: "format version \(state.version) is newer than this Tidemark reads (up to \(StoredState.currentVersion))")
             }
+            if let damage = Self.implausibility(of: state) {
+                return try startOver(reason: damage, readable: nil)
+            }
             return try load(state)
         }
+    }
+
+    /// Counters far beyond any real store's: the tracker adds to them (the epoch at every
+    /// save, the generation at every recovery), so values near 2^64 would trap later.
+    static let counterLimit: UInt64 = 1 << 62
+
+    /// Why a manifest that passed its checksum still cannot describe a real store (it was
+    /// written by hand or by something else): counters out of range, a bitmap listed twice.
+    static func implausibility(of state: StoredState) -> String? {
+        guard state.epoch < counterLimit, state.generation < counterLimit,
+            (state.checkpointCounter ?? 0) < counterLimit
+        else { return "its epoch, generation or checkpoint count is out of range" }
+        var names = Set<String>()
+        for entry in state.bitmaps where !names.insert(entry.name).inserted {
+            return "bitmap '\(entry.name)' is listed twice"
+        }
+        return nil
     }
 
     private func load(_ state: StoredState) throws(BitmapError) -> Contents {
@@ -211,8 +231,10 @@ extension BitmapStore {
                 }
             }
         }
-        generation += 1
-        epoch += 1
+        // Out-of-range values found in damaged files are not carried on (they would trap).
+        generation = generation < Self.counterLimit ? generation + 1 : 1
+        epoch = epoch < Self.counterLimit ? epoch + 1 : 1
+        if checkpointCounter >= Self.counterLimit { checkpointCounter = 0 }
         let toMove = FileIO.listDirectory(directory).filter { name in
             name == "state.json" || Self.epochNumber(name, prefix: "journal-", suffix: ".log") != nil
                 || Self.epochNumber(name, prefix: "bitmaps-", suffix: ".dat") != nil

@@ -99,6 +99,51 @@ struct StoreDamageTests {
         #expect(contents.bitmaps[0].bitmap.runs() == [ByteRun(0, Self.size)])
     }
 
+    enum Implausible: String, CaseIterable, CustomTestStringConvertible {
+        case hugeGeneration, hugeEpoch, hugeCheckpointCount, nameTwice
+        var testDescription: String { rawValue }
+    }
+
+    @Test("a manifest no real store writes (counters near 2^64, a bitmap listed twice): the store starts over instead of trapping later",
+          arguments: Implausible.allCases)
+    func implausibleManifest(kind: Implausible) throws {
+        let fixture = try Fixture()
+        try FileManager.default.createDirectory(atPath: fixture.store, withIntermediateDirectories: true)
+        let words = Int(Self.size / 65536 / 64)
+        try Data(count: 2 * words * 8).write(to: URL(fileURLWithPath: fixture.store + "/bitmaps-4.dat"))
+        let zeroChecksum = (0..<(words * 8)).reduce(UInt64(0xcbf2_9ce4_8422_2325)) { hash, _ in hash &* 0x100_0000_01b3 }
+        let entry = { (name: String) in
+            #"{"name": "\#(name)", "granularity": 65536, "recording": true, "wordCount": \#(words), "checksum": \#(zeroChecksum)}"#
+        }
+        var epoch: UInt64 = 4
+        var generation: UInt64 = 2
+        var counter: UInt64 = 0
+        var names = ["b0", "b1"]
+        switch kind {
+        case .hugeGeneration: generation = .max
+        case .hugeEpoch: epoch = 1 << 63
+        case .hugeCheckpointCount: counter = .max
+        case .nameTwice: names = ["b0", "b0"]
+        }
+        let manifest = """
+            {"version": 1, "imageSize": \(Self.size), "epoch": \(epoch), "generation": \(generation), "cleanShutdown": true,
+             "dataFile": "bitmaps-4.dat", "checkpointCounter": \(counter),
+             "bitmaps": [\(names.map(entry).joined(separator: ", "))]}
+            """
+        try Data(manifest.utf8).write(to: URL(fileURLWithPath: fixture.store + "/state.json"))
+
+        let (store, contents) = try fixture.open(size: Self.size)
+        #expect(contents.damaged, "problems: \(contents.problems)")
+        #expect(contents.bitmaps.isEmpty)
+        #expect(contents.generation >= 1 && contents.generation < 1 << 62)
+        #expect(contents.checkpointCounter < 1 << 62)
+        // The fresh store saves, recovers and names checkpoints without overflowing.
+        let tracker = try DirtyTracker(store: store, contents: contents)
+        try tracker.add(name: "b0", persistent: true)
+        try tracker.save(cleanShutdown: true)
+        #expect(tracker.nextCheckpointName().hasPrefix("c"))
+    }
+
     @Test("a store written in format 1 (no checksums, bare journal) still loads and replays; the next save writes format 2")
     func formatOne() throws {
         let fixture = try Fixture()
