@@ -72,11 +72,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// When bytes last arrived while a request was partly received.
     private var lastInput = NIODeadline.now()
     private var stallTimer: Scheduled<Void>?
+    /// Server-wide metrics (`--metrics`), and this connection's request accounting once
+    /// it is in transmission; both nil without `--metrics`.
+    private let serverMetrics: ServerMetrics?
+    private var requestMetrics: ConnectionMetrics?
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
-        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, logger: Logger
+        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
+        logger: Logger
     ) {
+        self.serverMetrics = metrics
         self.phase = .handshake(HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies))
         self.registry = registry
         self.pool = pool
@@ -100,6 +106,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         timeoutTask = loop.scheduleTask(in: handshakeTimeout) { [weak self] in
             guard let self, case .handshake = self.phase else { return }
             self.logger.info("handshake timed out")
+            self.serverMetrics?.handshakeFailed(reason: "timeout")
             self.close(context: context)
         }
         context.fireChannelActive()
@@ -111,6 +118,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         phase = .closed
         received = nil
         releaseResources()
+        requestMetrics?.finish()
         context.fireChannelInactive()
     }
 
@@ -240,6 +248,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     close(context: context)
                 case .close(let failure):
                     logger.info("handshake ended: \(failure)")
+                    serverMetrics?.handshakeFailed(reason: failure.metricReason)
                     close(context: context)
                 case .enterTransmission(let session):
                     enterTransmission(session, context: context)
@@ -279,6 +288,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             export: export, session: session, allocator: context.channel.allocator, pool: pool,
             eventLoop: context.eventLoop)
         phase = .transmission(Transmission(machine: TransmissionStateMachine(session: session), executor: executor))
+        if let serverMetrics {
+            requestMetrics = ConnectionMetrics(server: serverMetrics, export: export.name, eventLoop: context.eventLoop)
+        }
     }
 
     // MARK: - Requests
@@ -290,23 +302,30 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             logger.debug("client disconnected")
             if transmission.machine.canCloseNow { close(context: context) }
         case .reject(let cookie, let command, let error, let message):
+            let start = requestMetrics?.started()
             logger.debug("request refused: \(message)")
             withOutbox(context: context) { outbox in
                 NBDReplyEncoder.writeError(
                     cookie: cookie, command: command, error: error, message: message,
                     structured: transmission.executor.session.structuredReplies, into: &outbox)
             }
+            if let start { requestMetrics?.refused(rawCommand: command, startedAt: start) }
             completed(cost: cost, transmission: transmission, context: context)
         case .execute(let cookie, let command):
+            let start = requestMetrics?.started()
+            var replyStart = 0
             let result = withOutbox(context: context) { outbox in
-                transmission.executor.execute(command, cookie: cookie, outbox: &outbox)
+                replyStart = outbox.writerIndex
+                return transmission.executor.execute(command, cookie: cookie, outbox: &outbox)
             }
             switch result {
             case .written:
+                if let start { requestMetrics?.completed(command, startedAt: start, reply: outbox, at: replyStart) }
                 completed(cost: cost, transmission: transmission, context: context)
             case .reply(let reply):
                 context.write(wrapOutboundOut(reply), promise: nil)
                 flushPending = true
+                if let start { requestMetrics?.completed(command, startedAt: start, reply: reply) }
                 completed(cost: cost, transmission: transmission, context: context)
             case .pending(let future):
                 var offloaded = 0
@@ -318,6 +337,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     self.offloadedReadBytes -= offloaded
                     switch result {
                     case .success(let reply):
+                        if let start { self.requestMetrics?.completed(command, startedAt: start, reply: reply) }
                         context.write(self.wrapOutboundOut(reply), promise: nil)
                         self.flushPending = true
                         self.completed(cost: cost, transmission: transmission, context: context)
@@ -511,6 +531,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         timeoutTask?.cancel()
         timeoutTask = nil
         releaseResources()
+        requestMetrics?.finish()
         context.close(promise: nil)
     }
 }

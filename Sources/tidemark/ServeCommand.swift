@@ -7,6 +7,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import TidemarkControl
+import TidemarkMetrics
 import TidemarkServer
 
 #if canImport(Glibc)
@@ -115,6 +116,12 @@ struct ServeCommand: AsyncParsableCommand {
             discussion: "Clients fall back to simple replies; block status and dirty bitmaps are then unavailable."))
     var noStructuredReplies = false
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0: any free port, printed at start).",
+            valueName: "ADDR:PORT"))
+    var metrics: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -137,6 +144,7 @@ struct ServeCommand: AsyncParsableCommand {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         for spec in exports { _ = try ExportSpecification(parsing: spec) }
         for spec in bitmaps { _ = try BitmapSpecification(parsing: spec) }
+        if let metrics { _ = try MetricsListener(parsing: metrics) }
     }
 
     func run() async throws {
@@ -171,7 +179,9 @@ struct ServeCommand: AsyncParsableCommand {
             payloadBudget: payloadBudget.map { $0 << 20 } ?? PayloadBudget.defaultLimit,
             requestTimeout: .nanoseconds(Int64(requestTimeout * 1_000_000_000))
         )
-        let server = NBDServer(configuration: configuration, registry: registry, logger: logger)
+        let metricsListener = try metrics.map { try MetricsListener(parsing: $0) }
+        let serverMetrics = metricsListener.map { _ in MetricsListener.bootstrap() }
+        let server = NBDServer(configuration: configuration, registry: registry, metrics: serverMetrics?.0, logger: logger)
         let shutdown = ShutdownTrigger(signals: [SIGINT, SIGTERM])
         let bound = try await server.start()
         let controlGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -182,6 +192,13 @@ struct ServeCommand: AsyncParsableCommand {
         if let controlPath = control ?? (usesDefaultImage ? Self.defaultControlPath : nil) {
             controlServer = try await ControlServer.start(path: controlPath, control: controlPlane, group: controlGroup)
             logger.info("control socket at \(controlPath)")
+        }
+        var metricsEndpoint: MetricsEndpoint?
+        if let metricsListener, let (metrics, prometheus) = serverMetrics {
+            let (endpoint, port) = try await metricsListener.start(registry: prometheus, metrics: metrics, exports: registry)
+            metricsEndpoint = endpoint
+            let shownHost = metricsListener.host.contains(":") ? "[\(metricsListener.host)]" : metricsListener.host
+            logger.info("metrics at http://\(shownHost):\(port)/metrics")
         }
         let defaultName = registry.all.first?.name ?? ""
         for listener in bound {
@@ -197,6 +214,7 @@ struct ServeCommand: AsyncParsableCommand {
         logger.info("stopping (\(reason)); finishing in-flight requests")
         await controlServer?.close()
         await server.shutdown()
+        await metricsEndpoint?.stop()
         await controlPlane.shutdown()
         try? await controlGroup.shutdownGracefully()
         logger.info("stopped")
