@@ -99,9 +99,13 @@ struct MetricsTests {
     @Test("bitmaps, journal fsyncs and handshake failures are on the page; fio traffic is counted exactly")
     func stateAndFio() throws {
         let (fixture, port) = try Self.serveWithMetrics(extraArguments: ["--bitmap", "b0"])
-        // An unknown export: a handshake failure with a fixed reason, never the name asked for.
-        let refused = try ExternalTool.run("nbdinfo", ["nbd+unix:///no-such-export?socket=\(fixture.directory.socketPath)"])
-        #expect(!refused.succeeded)
+        // Unknown client flags end the handshake: counted under a fixed reason.
+        do {
+            let raw = try RawNBDSocket(unixSocket: fixture.directory.socketPath)
+            _ = try raw.handshake(clientFlags: 0xFFFF_0000)
+            let deadline = Date().addingTimeInterval(5)
+            while !raw.isClosedByPeer() && Date() < deadline { usleep(10_000) }
+        }
         let directory = try TestDirectory()
         try ExternalTool.check(
             "fio",
@@ -115,13 +119,13 @@ struct MetricsTests {
         }
         #expect(samples[#"tidemark_requests_total{\#(write),result="ok"}"#] == 64)
         #expect(samples[#"tidemark_request_duration_seconds_count{\#(write)}"#] == 64)
-        #expect(samples[#"tidemark_request_bytes_total{\#(write)}"#] == 64 * 4096)
+        #expect(samples[#"tidemark_request_bytes_total{\#(write)}"#] == Double(64 * 4096))
         #expect((samples[#"tidemark_bitmap_dirty_bytes{export="disk",bitmap="b0"}"#] ?? 0) > 0)
         #expect(samples[#"tidemark_bitmap_recording{export="disk",bitmap="b0"}"#] == 1)
         #expect((samples[#"tidemark_journal_fsyncs_total{export="disk"}"#] ?? 0) >= 1)
         #expect(samples[#"tidemark_checkpoints_pending{export="disk"}"#] == 0)
         let failures = samples.filter { $0.key.hasPrefix("tidemark_handshake_failures_total") }
-        #expect(failures == [#"tidemark_handshake_failures_total{reason="unknown_export"}"#: 1], "\(failures)")
+        #expect(failures == [#"tidemark_handshake_failures_total{reason="unknown_client_flags"}"#: 1], "\(failures)")
     }
 
     @Test("hostile HTTP: huge header, slowloris, non-GET, garbage, unknown path, too many sockets; scrapes go on")
