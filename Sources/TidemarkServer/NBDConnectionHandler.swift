@@ -313,10 +313,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             completed(cost: cost, transmission: transmission, context: context)
         case .execute(let cookie, let command):
             let start = requestMetrics?.started()
-            var replyStart = 0
+            // Where an inline reply will start (a new outbox starts at 0), for metrics only.
+            let replyStart = start == nil ? 0 : outbox?.writerIndex ?? 0
             let result = withOutbox(context: context) { outbox in
-                replyStart = outbox.writerIndex
-                return transmission.executor.execute(command, cookie: cookie, outbox: &outbox)
+                transmission.executor.execute(command, cookie: cookie, outbox: &outbox)
             }
             switch result {
             case .written:

@@ -1,6 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
+import TidemarkControl
 
 #if canImport(Glibc)
 import Glibc
@@ -126,6 +127,35 @@ struct MetricsTests {
         #expect(samples[#"tidemark_checkpoints_pending{export="disk"}"#] == 0)
         let failures = samples.filter { $0.key.hasPrefix("tidemark_handshake_failures_total") }
         #expect(failures == [#"tidemark_handshake_failures_total{reason="unknown_client_flags"}"#: 1], "\(failures)")
+    }
+
+    @Test("a checkpoint with a view: pending count and age, preserved bytes, the live bitmap restarting from empty")
+    func checkpointAndView() throws {
+        let port = try HTTPProbe.freePort()
+        let fixture = try ControlFixture(filled: true, extraArguments: ["--bitmap", "b0", "--metrics", "127.0.0.1:\(port)"])
+        try Self.waitForEndpoint(port: port, server: fixture.server)
+        let writer = try fixture.connect()
+        let block = [UInt8](repeating: 0x5A, count: 65536)
+        for index in 0..<4 { try writer.pwrite(block, offset: UInt64(index) * 65536) }
+        let client = try fixture.qmp()
+        let created = try Views.create(client)
+        #expect(created.count == 4 * 65536)
+        // Overwriting two granules the view shows preserves their old data first.
+        for index in 0..<2 { try writer.pwrite(block, offset: UInt64(index) * 65536) }
+        let samples = try Self.scrape(port: port) { $0[#"tidemark_checkpoints_pending{export="disk"}"#] == 1 }
+        #expect(samples[#"tidemark_checkpoints_pending{export="disk"}"#] == 1)
+        let age = try #require(samples[#"tidemark_checkpoint_oldest_pending_age_seconds{export="disk"}"#])
+        #expect(age >= 0 && age < 30)
+        #expect(samples[#"tidemark_view_preserved_bytes{export="disk",checkpoint="\#(created.checkpoint)"}"#] == Double(2 * 65536))
+        #expect(samples[#"tidemark_bitmap_dirty_bytes{export="disk",bitmap="b0"}"#] == Double(2 * 65536))
+        #expect((samples[#"tidemark_journal_fsyncs_total{export="disk"}"#] ?? 0) >= 1)
+
+        _ = try client.run("checkpoint-complete", ["node": "disk", "name": .string(created.checkpoint)])
+        let after = try Self.scrape(port: port) { $0[#"tidemark_checkpoints_pending{export="disk"}"#] == 0 }
+        #expect(after[#"tidemark_checkpoints_pending{export="disk"}"#] == 0)
+        #expect(after[#"tidemark_checkpoint_oldest_pending_age_seconds{export="disk"}"#] == 0)
+        #expect(after.keys.contains { $0.hasPrefix("tidemark_view_preserved_bytes") } == false)
+        try writer.shutdown()
     }
 
     @Test("hostile HTTP: huge header, slowloris, non-GET, garbage, unknown path, too many sockets; scrapes go on")
