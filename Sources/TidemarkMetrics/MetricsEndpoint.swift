@@ -17,7 +17,8 @@ import TidemarkServer
 public final class MetricsEndpoint: Sendable {
     /// Most scrape connections open at once; more are closed at accept.
     public static let maximumConnections = 16
-    /// How often `tick` runs (pending checkpoints' first-seen times).
+    /// How often `tick` runs (publishing folded request tallies, noting pending
+    /// checkpoints).
     public static let tickInterval: TimeAmount = .seconds(1)
 
     public let registry: PrometheusCollectorRegistry

@@ -7,11 +7,12 @@ import Synchronization
 ///
 /// The data path never calls swift-metrics: each connection tallies its requests in a
 /// ``RequestTally`` on its event loop and folds it in here (under one lock, a few hundred
-/// additions) every ``foldInterval`` while busy and when it closes. ``collect()`` — run by
-/// the scrape, off the data path's loops — publishes the folded tallies and samples the
-/// state-like values (bitmaps, checkpoints, views, journal) that change with every write
-/// and are cheaper read once per scrape than updated per write. Connection events are
-/// rare and go to swift-metrics directly.
+/// additions) every ``foldInterval`` while busy and when it closes. ``tick(registry:)``
+/// (every second) and ``collect(registry:)`` (each scrape) run on the metrics endpoint's
+/// thread, off the data path's loops: both publish the folded tallies; the scrape also
+/// samples the state-like values (bitmaps, checkpoints, views, journal) that change with
+/// every write and are cheaper read once per scrape than updated per write. Connection
+/// events are rare and go to swift-metrics directly.
 public final class ServerMetrics: Sendable {
     /// How long a busy connection keeps its tally before folding it in.
     public static let foldInterval: TimeAmount = .milliseconds(250)
@@ -84,10 +85,17 @@ public final class ServerMetrics: Sendable {
         }
     }
 
-    /// Notes when checkpoints became pending; run every second or so (by the metrics
-    /// endpoint, off the data path) so their age does not depend on the scrape interval.
-    public func notePendingCheckpoints(registry: ExportRegistry) {
+    /// Run every second or so by the metrics endpoint, off the data path: publishes what
+    /// connections folded in, so a scrape never replays more than a second of requests
+    /// into the histograms (after a day without scrapes it would replay a day's), and
+    /// notes when checkpoints became pending, so their age does not depend on the scrape
+    /// interval.
+    public func tick(registry: ExportRegistry) {
+        let tallies = drainFolded()
         let now = clock()
-        published.withLock { $0.notePending(registry.all, now: now) }
+        published.withLock { published in
+            for (export, tally) in tallies { published.publish(tally, export: export, factory: factory) }
+            published.notePending(registry.all, now: now)
+        }
     }
 }

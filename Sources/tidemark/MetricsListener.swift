@@ -43,7 +43,7 @@ struct MetricsListener {
         let bound = try await endpoint.start(
             host: host, port: port,
             collect: { metrics.collect(registry: exports) },
-            tick: { metrics.notePendingCheckpoints(registry: exports) })
+            tick: { metrics.tick(registry: exports) })
         return (endpoint, bound)
     }
 }

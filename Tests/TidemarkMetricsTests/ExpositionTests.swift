@@ -125,7 +125,7 @@ struct ExpositionTests {
         #expect(samples[#"tidemark_journal_fsyncs_total{export="disk"}"#] == "0")
 
         try export.tracker.perform([.createCheckpoint(CheckpointRequest(bitmap: "b", increment: "c1", consume: false))])
-        metrics.notePendingCheckpoints(registry: exports)
+        metrics.tick(registry: exports)
         now.withLock { $0 += .seconds(42) }
         try export.tracker.remove(name: "off")
         metrics.collect(registry: exports)
