@@ -28,11 +28,12 @@ public final class MetricsEndpoint: Sendable {
     private let openConnections = Atomic<Int>(0)
 
     /// The Prometheus factory the process bootstraps swift-metrics with: request
-    /// latencies get buckets from 10 µs to 1 s (``RequestTally/bucketBounds``).
+    /// latencies (recorded in seconds) get buckets from 10 µs to 1 s
+    /// (``RequestTally/bucketBounds``).
     public static func makeFactory(registry: PrometheusCollectorRegistry) -> PrometheusMetricsFactory {
         var factory = PrometheusMetricsFactory(registry: registry)
-        factory.durationHistogramBuckets["tidemark_request_duration_seconds"] =
-            RequestTally.bucketBounds.map { Duration.nanoseconds($0) }
+        factory.valueHistogramBuckets["tidemark_request_duration_seconds"] =
+            RequestTally.bucketBounds.map { Double($0) / 1e9 }
         return factory
     }
 

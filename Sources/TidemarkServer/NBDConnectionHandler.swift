@@ -320,14 +320,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
             switch result {
             case .written:
-                if let start { requestMetrics?.completed(command, startedAt: start, reply: outbox, at: replyStart) }
+                if let start { recordInline(command, cost: cost, startedAt: start, replyStart: replyStart) }
                 completed(cost: cost, transmission: transmission, context: context)
             case .reply(let reply):
                 context.write(wrapOutboundOut(reply), promise: nil)
                 flushPending = true
-                if let start { requestMetrics?.completed(command, startedAt: start, reply: reply) }
+                if let start { requestMetrics?.completed(.init(command, cost: cost, at: start), reply: reply) }
                 completed(cost: cost, transmission: transmission, context: context)
             case .pending(let future):
+                // Plain values for the completion, not the command (a WRITE holds its payload).
+                let measured = start.map { ConnectionMetrics.Started(command, cost: cost, at: $0) }
                 var offloaded = 0
                 if case .read = command { offloaded = Int(cost) }
                 offloadedReadBytes += offloaded
@@ -337,7 +339,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     self.offloadedReadBytes -= offloaded
                     switch result {
                     case .success(let reply):
-                        if let start { self.requestMetrics?.completed(command, startedAt: start, reply: reply) }
+                        if let measured { self.requestMetrics?.completed(measured, reply: reply) }
                         context.write(self.wrapOutboundOut(reply), promise: nil)
                         self.flushPending = true
                         self.completed(cost: cost, transmission: transmission, context: context)
@@ -353,6 +355,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
             }
         }
+    }
+
+    /// Counts a request whose reply was appended to `outbox` at `replyStart`. Only a READ
+    /// can have failed there (an I/O error reply); one whose reply is shorter than its
+    /// data is looked at, the others are successes without touching the buffer.
+    private func recordInline(_ command: NBDCommand, cost: UInt64, startedAt start: UInt64, replyStart: Int) {
+        var failed = false
+        if case .read(_, let length, _) = command, let outbox, outbox.writerIndex - replyStart < Int(length) {
+            failed = NBDReplyEncoder.isErrorReply(outbox, at: replyStart)
+        }
+        requestMetrics?.completed(
+            RequestKind(command), bytes: RequestKind.bytes(of: command, cost: cost), startedAt: start, failed: failed)
     }
 
     /// Runs `body` on the burst's outgoing buffer, creating it on first use.

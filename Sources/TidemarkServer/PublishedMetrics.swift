@@ -11,7 +11,12 @@ struct PublishedMetrics {
         let succeeded: Counter
         let failed: Counter
         let bytes: Counter
-        let duration: CoreMetrics.Timer
+        /// A swift-metrics recorder handler made by the factory (a value histogram in
+        /// seconds, in Prometheus), called directly: each replayed latency costs ~330
+        /// instructions (callgrind), against ~810 through a `Timer` (a histogram of
+        /// 128-bit `Duration`s) and ~600 through `Recorder.record`, whose generic
+        /// conversion to `Double` is not specialized across modules.
+        let duration: any RecorderHandler
     }
 
     private var requests: [String: [RequestSeries]] = [:]
@@ -37,7 +42,8 @@ struct PublishedMetrics {
                 succeeded: Counter(label: "tidemark_requests_total", dimensions: labels + [("result", "ok")], factory: factory),
                 failed: Counter(label: "tidemark_requests_total", dimensions: labels + [("result", "error")], factory: factory),
                 bytes: Counter(label: "tidemark_request_bytes_total", dimensions: labels, factory: factory),
-                duration: CoreMetrics.Timer(label: "tidemark_request_duration_seconds", dimensions: labels, factory: factory))
+                duration: factory.makeRecorder(
+                    label: "tidemark_request_duration_seconds", dimensions: labels, aggregate: true))
         }
         requests[export] = series
         for kind in RequestKind.allCases {
@@ -46,7 +52,7 @@ struct PublishedMetrics {
             if tally.succeeded[index] > 0 { entry.succeeded.increment(by: tally.succeeded[index]) }
             if tally.failed[index] > 0 { entry.failed.increment(by: tally.failed[index]) }
             if tally.bytes[index] > 0 { entry.bytes.increment(by: tally.bytes[index]) }
-            tally.latencies(of: kind) { entry.duration.recordNanoseconds($0) }
+            tally.latencies(of: kind) { entry.duration.record(Double($0) / 1e9) }
         }
         var current = inFlight[export] ?? (
             Meter(label: "tidemark_requests_in_flight", dimensions: [("export", export)], factory: factory), 0)

@@ -51,11 +51,11 @@ public enum RequestKind: Int, CaseIterable, Sendable {
         }
     }
 
-    /// See ``init(_:)`` for what counts.
-    static func bytes(of command: NBDCommand) -> Int {
+    /// See ``init(_:)`` for what counts. `cost` is the request's data bytes
+    /// (``TransmissionStateMachine/cost(of:)``), so a WRITE's payload is not copied here.
+    static func bytes(of command: NBDCommand, cost: UInt64) -> Int {
         switch command {
-        case .read(_, let length, _): return Int(length)
-        case .write(_, let payload, _): return payload.readableBytes
+        case .read, .write: return Int(cost)
         case .writeZeroes(_, let length, _, _, _), .trim(_, let length, _), .cache(_, let length): return Int(length)
         case .flush, .blockStatus: return 0
         }

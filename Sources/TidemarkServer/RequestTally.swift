@@ -37,14 +37,38 @@ public struct RequestTally: Sendable, Equatable {
         inFlightChange = 0
     }
 
+    /// A tally of these values (the per-connection counters' fold).
+    init(
+        succeeded: [Int], failed: [Int], bytes: [Int], bucketCounts: [Int], bucketSums: [Int64], inFlightChange: Int
+    ) {
+        self.succeeded = succeeded
+        self.failed = failed
+        self.bytes = bytes
+        self.bucketCounts = bucketCounts
+        self.bucketSums = bucketSums
+        self.inFlightChange = inFlightChange
+    }
+
     /// True when nothing was recorded since the last fold.
     public var isEmpty: Bool { inFlightChange == 0 && succeeded.allSatisfy { $0 == 0 } && failed.allSatisfy { $0 == 0 } }
 
     /// The index of the bucket `nanoseconds` falls in (bounds are inclusive, as `le`).
+    /// Constants rather than `bucketBounds`: no global array on the per-request path
+    /// (`bucketIndexMatchesBounds` in the tests keeps the two in step).
+    @inline(__always)
     static func bucket(for nanoseconds: Int64) -> Int {
-        var index = 0
-        while index < bucketBounds.count && nanoseconds > bucketBounds[index] { index += 1 }
-        return index
+        if nanoseconds <= 1_000_000 {
+            if nanoseconds <= 50_000 {
+                return nanoseconds <= 10_000 ? 0 : nanoseconds <= 25_000 ? 1 : 2
+            }
+            return nanoseconds <= 100_000 ? 3 : nanoseconds <= 250_000 ? 4 : nanoseconds <= 500_000 ? 5 : 6
+        }
+        if nanoseconds <= 50_000_000 {
+            return nanoseconds <= 2_500_000 ? 7 : nanoseconds <= 5_000_000 ? 8 : nanoseconds <= 10_000_000 ? 9
+                : nanoseconds <= 25_000_000 ? 10 : 11
+        }
+        return nanoseconds <= 100_000_000 ? 12 : nanoseconds <= 250_000_000 ? 13 : nanoseconds <= 500_000_000 ? 14
+            : nanoseconds <= 1_000_000_000 ? 15 : 16
     }
 
     /// A request was decoded and is about to run.

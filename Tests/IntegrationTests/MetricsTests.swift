@@ -90,7 +90,7 @@ struct MetricsTests {
         #expect(samples[#"tidemark_build_info{version="0.1.0"}"#] == 1)
         #expect(samples[#"tidemark_journal_fsyncs_total{export="disk"}"#] == 0)
         // Buckets are cumulative and end at the count.
-        let bounds = ["0.00001", "0.000025", "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005",
+        let bounds = ["1e-05", "2.5e-05", "5e-05", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005",
                       "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "+Inf"]
         let buckets = bounds.map { samples[#"tidemark_request_duration_seconds_bucket{\#(write),le="\#($0)"}"#] ?? -1 }
         #expect(!buckets.contains(-1), "missing buckets: \(buckets)")

@@ -57,7 +57,7 @@ struct ExpositionTests {
 
         // Cumulative buckets from 10 µs to 1 s, +Inf, then an exact sum in seconds.
         let expected: [(String, String)] = [
-            ("0.00001", "1"), ("0.000025", "1"), ("0.00005", "2"), ("0.0001", "2"), ("0.00025", "2"),
+            ("1e-05", "1"), ("2.5e-05", "1"), ("5e-05", "2"), ("0.0001", "2"), ("0.00025", "2"),
             ("0.0005", "2"), ("0.001", "2"), ("0.0025", "3"), ("0.005", "3"), ("0.01", "3"), ("0.025", "3"),
             ("0.05", "3"), ("0.1", "3"), ("0.25", "3"), ("0.5", "3"), ("1.0", "3"), ("+Inf", "3"),
         ]
@@ -65,7 +65,8 @@ struct ExpositionTests {
             #expect(samples[#"tidemark_request_duration_seconds_bucket{\#(write),le="\#(bound)"}"#] == count, "le=\(bound)")
         }
         #expect(samples[#"tidemark_request_duration_seconds_count{\#(write)}"#] == "3")
-        #expect(samples[#"tidemark_request_duration_seconds_sum{\#(write)}"#] == "0.002035")
+        let sum = try #require(samples[#"tidemark_request_duration_seconds_sum{\#(write)}"#].flatMap(Double.init))
+        #expect(abs(sum - 0.002035) < 1e-12, "sum \(sum)")
         let text = registry.emitToString()
         #expect(text.contains("# TYPE tidemark_request_duration_seconds histogram"))
         #expect(text.contains("# TYPE tidemark_requests_total counter"))
@@ -96,6 +97,19 @@ struct ExpositionTests {
         for value in values { original[RequestTally.bucket(for: value)] += 1 }
         for value in replayed { again[RequestTally.bucket(for: value)] += 1 }
         #expect(original == again)
+    }
+
+    @Test("the per-request bucket index agrees with the published bounds at and around every bound")
+    func bucketIndexMatchesBounds() {
+        func reference(_ value: Int64) -> Int {
+            RequestTally.bucketBounds.firstIndex { value <= $0 } ?? RequestTally.bucketBounds.count
+        }
+        for bound in RequestTally.bucketBounds {
+            for value in [bound - 1, bound, bound + 1] {
+                #expect(RequestTally.bucket(for: value) == reference(value), "\(value) ns")
+            }
+        }
+        for value: Int64 in [0, 1, 9_999, .max] { #expect(RequestTally.bucket(for: value) == reference(value)) }
     }
 
     @Test("bitmaps, pending checkpoints and their age are sampled at scrape; gone series disappear")
