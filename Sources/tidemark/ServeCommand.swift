@@ -118,7 +118,7 @@ struct ServeCommand: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0: any free port, printed at start).",
+            "Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0: any free port, logged at start).",
             valueName: "ADDR:PORT"))
     var metrics: String?
 
