@@ -36,6 +36,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.0.0"),
     ],
     targets: [
         // Linux calls that Glibc's Swift module hides (fallocate, SEEK_DATA/HOLE, preadv2).
@@ -58,6 +60,21 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // `serve --metrics`: swift-metrics bootstrapped onto a Prometheus registry, served
+        // at GET /metrics by a small HTTP/1 listener on its own thread.
+        .target(
+            name: "TidemarkMetrics",
+            dependencies: [
+                "TidemarkServer",
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: strictSettings
         ),
@@ -91,7 +108,8 @@ let package = Package(
         .executableTarget(
             name: "tidemark",
             dependencies: [
-                "TidemarkServer", "TidemarkControl", "QMPWire", "TidemarkService", "BlockStorage", "DirtyTracking", "CLinuxIO",
+                "TidemarkServer", "TidemarkControl", "QMPWire", "TidemarkService", "TidemarkMetrics", "BlockStorage",
+                "DirtyTracking", "CLinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -139,6 +157,16 @@ let package = Package(
         .testTarget(
             name: "BackupTests",
             dependencies: ["TestSupport", "TidemarkBackup"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "TidemarkMetricsTests",
+            dependencies: [
+                "TidemarkMetrics", "TidemarkServer", "NBDProtocol", "BlockStorage", "DirtyTracking",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -64,6 +64,9 @@ public final class DirtyTracker: Sendable {
     /// Serialises journal appends against epoch switches (never held by the write path
     /// unless it must journal a new region).
     private let journalLock = Mutex<Void>(())
+    /// Journal appends made durable by writes (each one `fdatasync`): the cost of
+    /// crash-safe bitmaps on the write path, for `tidemark_journal_fsyncs_total`.
+    private let journalFsyncCount = Atomic<UInt64>(0)
     /// Serialises saves.
     private let saveLock = Mutex<Void>(())
     /// Modifications in flight that began in an even or an odd write epoch. Two counters
@@ -201,6 +204,7 @@ public final class DirtyTracker: Sendable {
             }
             guard !missing.isEmpty else { return }
             try store.appendToJournal(missing)
+            journalFsyncCount.add(1, ordering: .relaxed)
             state.withLock { state in
                 for region in missing { state.durableRegions.setBits(Int(region)...Int(region)) }
             }
@@ -292,6 +296,9 @@ public final class DirtyTracker: Sendable {
             }
         }
     }
+
+    /// Journal appends writes have made durable since the tracker opened (one fsync each).
+    public var journalFsyncs: UInt64 { journalFsyncCount.load(ordering: .relaxed) }
 
     /// Saves only if persistent bits changed since the last save (for FLUSH and timers).
     public func saveIfNeeded() throws(BitmapError) {

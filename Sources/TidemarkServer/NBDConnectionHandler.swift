@@ -72,11 +72,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// When bytes last arrived while a request was partly received.
     private var lastInput = NIODeadline.now()
     private var stallTimer: Scheduled<Void>?
+    /// Server-wide metrics (`--metrics`), and this connection's request accounting once
+    /// it is in transmission; both nil without `--metrics`.
+    private let serverMetrics: ServerMetrics?
+    private var requestMetrics: ConnectionMetrics?
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
-        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, logger: Logger
+        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
+        logger: Logger
     ) {
+        self.serverMetrics = metrics
         self.phase = .handshake(HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies))
         self.registry = registry
         self.pool = pool
@@ -101,6 +107,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.logger.warning(
                 "handshake refused: no export chosen within \(self.handshakeTimeout.nanoseconds / 1_000_000_000) s",
                 metadata: ["event": "handshake.refused", "reason": "handshake timed out"])
+            self.serverMetrics?.handshakeFailed(reason: "timeout")
             self.close(context: context)
         }
         context.fireChannelActive()
@@ -112,6 +119,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         phase = .closed
         received = nil
         releaseResources()
+        requestMetrics?.finish()
         context.fireChannelInactive()
     }
 
@@ -247,6 +255,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .close(let failure):
                     logger.warning(
                         "handshake refused: \(failure)", metadata: ["event": "handshake.refused", "reason": "\(failure)"])
+                    serverMetrics?.handshakeFailed(reason: failure.metricReason)
                     close(context: context)
                 case .enterTransmission(let session):
                     enterTransmission(session, context: context)
@@ -291,6 +300,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             export: export, session: session, allocator: context.channel.allocator, pool: pool,
             eventLoop: context.eventLoop)
         phase = .transmission(Transmission(machine: TransmissionStateMachine(session: session), executor: executor))
+        if let serverMetrics {
+            requestMetrics = ConnectionMetrics(server: serverMetrics, export: export.name, eventLoop: context.eventLoop)
+        }
     }
 
     // MARK: - Requests
@@ -302,25 +314,34 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             logger.debug("client disconnected")
             if transmission.machine.canCloseNow { close(context: context) }
         case .reject(let cookie, let command, let error, let message):
+            let start = requestMetrics?.started()
             logger.debug("request refused: \(message)")
             withOutbox(context: context) { outbox in
                 NBDReplyEncoder.writeError(
                     cookie: cookie, command: command, error: error, message: message,
                     structured: transmission.executor.session.structuredReplies, into: &outbox)
             }
+            if let start { requestMetrics?.refused(rawCommand: command, startedAt: start) }
             completed(cost: cost, transmission: transmission, context: context)
         case .execute(let cookie, let command):
+            let start = requestMetrics?.started()
+            // Where an inline reply will start (a new outbox starts at 0), for metrics only.
+            let replyStart = start == nil ? 0 : outbox?.writerIndex ?? 0
             let result = withOutbox(context: context) { outbox in
                 transmission.executor.execute(command, cookie: cookie, outbox: &outbox)
             }
             switch result {
             case .written:
+                if let start { recordInline(command, cost: cost, startedAt: start, replyStart: replyStart) }
                 completed(cost: cost, transmission: transmission, context: context)
             case .reply(let reply):
                 context.write(wrapOutboundOut(reply), promise: nil)
                 flushPending = true
+                if let start { requestMetrics?.completed(.init(command, cost: cost, at: start), reply: reply) }
                 completed(cost: cost, transmission: transmission, context: context)
             case .pending(let future):
+                // Plain values for the completion, not the command (a WRITE holds its payload).
+                let measured = start.map { ConnectionMetrics.Started(command, cost: cost, at: $0) }
                 var offloaded = 0
                 if case .read = command { offloaded = Int(cost) }
                 offloadedReadBytes += offloaded
@@ -330,6 +351,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     self.offloadedReadBytes -= offloaded
                     switch result {
                     case .success(let reply):
+                        if let measured { self.requestMetrics?.completed(measured, reply: reply) }
                         context.write(self.wrapOutboundOut(reply), promise: nil)
                         self.flushPending = true
                         self.completed(cost: cost, transmission: transmission, context: context)
@@ -345,6 +367,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
             }
         }
+    }
+
+    /// Counts a request whose reply was appended to `outbox` at `replyStart`. Only a READ
+    /// can have failed there (an I/O error reply); one whose reply is shorter than its
+    /// data is looked at, the others are successes without touching the buffer.
+    private func recordInline(_ command: NBDCommand, cost: UInt64, startedAt start: UInt64, replyStart: Int) {
+        var failed = false
+        if case .read(_, let length, _) = command, let outbox, outbox.writerIndex - replyStart < Int(length) {
+            failed = NBDReplyEncoder.isErrorReply(outbox, at: replyStart)
+        }
+        requestMetrics?.completed(
+            RequestKind(command), bytes: RequestKind.bytes(of: command, cost: cost), startedAt: start, failed: failed)
     }
 
     /// Runs `body` on the burst's outgoing buffer, creating it on first use.
@@ -523,6 +557,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         timeoutTask?.cancel()
         timeoutTask = nil
         releaseResources()
+        requestMetrics?.finish()
         context.close(promise: nil)
     }
 }

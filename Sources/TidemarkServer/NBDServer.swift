@@ -43,6 +43,8 @@ public final class NBDServer: Sendable {
     private let connectionCap: Atomic<Int>
     /// Shared by every connection: bytes of partly received WRITE requests.
     public let payloadBudget: PayloadBudget
+    /// Metrics of connections and requests; nil (and no cost) without `--metrics`.
+    public let metrics: ServerMetrics?
     /// Refusals over the connection cap since the last warning, and when that was.
     private let refusals = Mutex<(count: Int, lastWarning: ContinuousClock.Instant?)>((0, nil))
     /// At most one "connection limit reached" warning in this interval.
@@ -53,7 +55,10 @@ public final class NBDServer: Sendable {
     /// How often changed bitmap bits are saved (besides FLUSH and shutdown).
     public static let bitmapSaveInterval: TimeAmount = .seconds(30)
 
-    public init(configuration: ServerConfiguration, registry: ExportRegistry, logger: Logger) {
+    public init(
+        configuration: ServerConfiguration, registry: ExportRegistry, metrics: ServerMetrics? = nil, logger: Logger
+    ) {
+        self.metrics = metrics
         self.configuration = configuration
         self.registry = registry
         self.logger = logger
@@ -147,6 +152,7 @@ public final class NBDServer: Sendable {
         let requestTimeout = configuration.requestTimeout
         let budget = payloadBudget
         let waterMark = Self.writeBufferWaterMark
+        let metrics = self.metrics
         return ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -174,7 +180,7 @@ public final class NBDServer: Sendable {
                         NBDConnectionHandler(
                             registry: registry, pool: pool, handshakeTimeout: timeout,
                             offersStructuredReplies: offersStructuredReplies, requestTimeout: requestTimeout,
-                            budget: budget, outputLimit: waterMark.high, logger: logger))
+                            budget: budget, outputLimit: waterMark.high, metrics: metrics, logger: logger))
                 }
             }
     }
@@ -191,8 +197,10 @@ public final class NBDServer: Sendable {
             warnRefused()
             return false
         }
+        let closed = metrics?.connectionOpened(transport: ServerMetrics.transport(of: channel))
         channel.closeFuture.whenComplete { [weak self] _ in
             _ = self?.connections.withLock { $0.removeValue(forKey: id) }
+            closed?()
         }
         return true
     }

@@ -32,6 +32,11 @@ struct BackupCommand: ParsableCommand {
         var control: String?
         @Option(help: "Export (node) name for --control (default: the URI's export name).") var export: String?
         @Flag(help: "Print a JSON summary on stdout.") var json = false
+        @Option(
+            help: ArgumentHelp(
+                "After the run, write its outcome for node_exporter's textfile collector to PATH (atomically; chain label: DIR).",
+                valueName: "PATH"))
+        var metricsFile: String?
 
         func validate() throws {
             if let connections, !(1...16).contains(connections) {
@@ -46,8 +51,31 @@ struct BackupCommand: ParsableCommand {
             }
         }
 
-        /// Runs the job, through the checkpoint cycle when `--control` is given.
+        /// Runs the job and records its outcome in `--metrics-file`, if given.
         func run(kind: BackupManifest.Kind, bitmap: String?) throws {
+            guard let metricsFile else {
+                try runJob(kind: kind, bitmap: bitmap)
+                return
+            }
+            let file = BackupMetricsFile(path: metricsFile)
+            let result: BackupJob.Result
+            do {
+                result = try runJob(kind: kind, bitmap: bitmap)
+            } catch {
+                do {
+                    try file.recordFailure(chain: directory)
+                } catch let recordError {
+                    ProgressDisplay.writeError("tidemark backup: cannot record the failure in \(metricsFile): \(recordError)\n")
+                }
+                throw error
+            }
+            try file.recordSuccess(
+                chain: directory, kind: kind.rawValue, bytes: result.bytesCopied, durationSeconds: result.durationSeconds)
+        }
+
+        /// Runs the job, through the checkpoint cycle when `--control` is given.
+        @discardableResult
+        func runJob(kind: BackupManifest.Kind, bitmap: String?) throws -> BackupJob.Result {
             let display = ProgressDisplay(label: "backup \(kind.rawValue)")
             var options = BackupJob.Options(uri: uri, directory: directory, kind: kind, bitmap: bitmap)
             options.connections = connections
@@ -89,6 +117,7 @@ struct BackupCommand: ParsableCommand {
                     "\(result.file): \(kind.rawValue) backup, \(ProgressDisplay.bytes(result.bytesCopied)) copied, "
                         + "\(ProgressDisplay.bytes(result.bytesZeroed)) recorded as zeroes in \(seconds) s\n")
             }
+            return result
         }
     }
 

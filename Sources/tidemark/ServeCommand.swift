@@ -8,6 +8,7 @@ import NIOCore
 import NIOPosix
 import QMPWire
 import TidemarkControl
+import TidemarkMetrics
 import TidemarkServer
 import TidemarkService
 
@@ -117,6 +118,12 @@ struct ServeCommand: AsyncParsableCommand {
             discussion: "Clients fall back to simple replies; block status and dirty bitmaps are then unavailable."))
     var noStructuredReplies = false
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0: any free port, logged at start).",
+            valueName: "ADDR:PORT"))
+    var metrics: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -145,6 +152,7 @@ struct ServeCommand: AsyncParsableCommand {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         for spec in exports { _ = try ExportSpecification(parsing: spec) }
         for spec in bitmaps { _ = try BitmapSpecification(parsing: spec) }
+        if let metrics { _ = try MetricsListener(parsing: metrics) }
     }
 
     func run() async throws {
@@ -182,7 +190,9 @@ struct ServeCommand: AsyncParsableCommand {
             payloadBudget: payloadBudget.map { $0 << 20 } ?? PayloadBudget.defaultLimit,
             requestTimeout: .nanoseconds(Int64(requestTimeout * 1_000_000_000))
         )
-        let server = NBDServer(configuration: configuration, registry: registry, logger: logger)
+        let metricsListener = try metrics.map { try MetricsListener(parsing: $0) }
+        let serverMetrics = metricsListener.map { _ in MetricsListener.bootstrap() }
+        let server = NBDServer(configuration: configuration, registry: registry, metrics: serverMetrics?.0, logger: logger)
         let shutdown = ShutdownTrigger(signals: [SIGINT, SIGTERM])
         let bound = try await server.start()
         let controlGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -194,6 +204,13 @@ struct ServeCommand: AsyncParsableCommand {
             controlServer = try await ControlServer.start(
                 path: controlPath, control: controlPlane, group: controlGroup, logger: logger)
             logger.info("control socket at \(controlPath)", metadata: ["event": "control.listening", "path": "\(controlPath)"])
+        }
+        var metricsEndpoint: MetricsEndpoint?
+        if let metricsListener, let (metrics, prometheus) = serverMetrics {
+            let (endpoint, port) = try await metricsListener.start(registry: prometheus, metrics: metrics, exports: registry)
+            metricsEndpoint = endpoint
+            let shownHost = metricsListener.host.contains(":") ? "[\(metricsListener.host)]" : metricsListener.host
+            logger.info("metrics at http://\(shownHost):\(port)/metrics")
         }
         let defaultName = registry.all.first?.name ?? ""
         for listener in bound {
@@ -219,6 +236,7 @@ struct ServeCommand: AsyncParsableCommand {
         notifications.stopping(status: "stopping (\(reason)): finishing in-flight requests")
         await controlServer?.close()
         await server.shutdown()
+        await metricsEndpoint?.stop()
         await controlPlane.shutdown()
         try? await controlGroup.shutdownGracefully()
         reporter.cancel()
