@@ -1,7 +1,7 @@
 import Foundation
 import NBDClient
 import Testing
-import TidemarkControl
+import QMPWire
 
 #if canImport(Glibc)
 import Glibc
