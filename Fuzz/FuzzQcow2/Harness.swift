@@ -79,8 +79,9 @@ func fuzz(_ buffer: UnsafeRawBufferPointer) {
         let count = Int(min(UInt64(4096 + 512), size - offset))
         _ = try? reader.read(count: count, at: offset)
     }
-    for cluster in [0, reader.clusterCount - 1, salt % max(1, reader.clusterCount)] where reader.clusterCount > 0 {
-        _ = try? reader.source(ofCluster: cluster)
+    let clusters = reader.clusterCount
+    if clusters > 0 {
+        for cluster in [0, clusters - 1, salt % clusters] { _ = try? reader.source(ofCluster: cluster) }
     }
     // Reads past the end must be refused, not wrap around.
     require((try? reader.read(count: 1, at: size)) == nil, "read at the end succeeded")
