@@ -117,6 +117,12 @@ public final class BitmapStore: @unchecked Sendable {
                 path: statePath,
                 reason: "it describes an image of \(state.imageSize) bytes but the image has \(imageSize)")
         }
+        // Counters far beyond any real store's: the tracker increments them (epoch at every
+        // save), and an overflow would trap.
+        let counterLimit: UInt64 = 1 << 62
+        guard state.epoch < counterLimit, state.generation < counterLimit, (state.checkpointCounter ?? 0) < counterLimit else {
+            throw .storeCorrupt(path: statePath, reason: "epoch, generation or checkpoint counter out of range")
+        }
         var bitmaps: [Contents.Bitmap] = []
         if !state.bitmaps.isEmpty {
             let path = dataPath(state.dataFile)
@@ -125,10 +131,14 @@ public final class BitmapStore: @unchecked Sendable {
             }
             var position = 0
             for entry in state.bitmaps {
-                let byteCount = entry.wordCount * 8
-                guard entry.wordCount >= 0, position + byteCount <= data.count else {
+                // Checked before multiplying: a huge wordCount must not overflow.
+                guard entry.wordCount >= 0, entry.wordCount <= (data.count - position) / 8 else {
                     throw .storeCorrupt(path: path, reason: "bitmap data file is truncated")
                 }
+                guard !bitmaps.contains(where: { $0.name == entry.name }) else {
+                    throw .storeCorrupt(path: statePath, reason: "bitmap '\(entry.name)' is listed twice")
+                }
+                let byteCount = entry.wordCount * 8
                 let words = FileIO.decodeWords(data[position..<(position + byteCount)])
                 position += byteCount
                 guard Checksum.fnv1a(words) == entry.checksum else {
@@ -149,6 +159,12 @@ public final class BitmapStore: @unchecked Sendable {
         var generation = state.generation
         let recovered = !state.cleanShutdown
         if recovered {
+            // The unfinished epoch's journal is created, durably, before any manifest names
+            // that epoch, and removed only after a newer one is written: without it the
+            // writes of the epoch are unknown, and loading would under-report them.
+            guard access(journalPath(state.epoch), F_OK) == 0 else {
+                throw .storeCorrupt(path: journalPath(state.epoch), reason: "the journal of the unfinished epoch is missing")
+            }
             generation += 1
             let regions = try journaledRegions(since: state.epoch)
             for region in regions {
