@@ -23,4 +23,17 @@ struct QMPFuzzRegressionTests {
         }
         #expect(first == second)
     }
+
+    /// FuzzQMP (a harness check, not a parser bug): `-320e-3204744747757` underflows to -0.0,
+    /// serialized as `-0`, which parses back as the integer 0: the same number, and the text
+    /// is stable from then on.
+    @Test("an underflowing negative number comes back as zero, and stays zero")
+    func underflowToNegativeZero() throws {
+        let value = try JSONValue.parse(Array("-320e-3204744747757".utf8))
+        #expect(value == .double(-0.0))
+        #expect(value.serialized() == "-0")
+        let again = try JSONValue.parse(Array(value.serialized().utf8))
+        #expect(again == .int(0))
+        #expect(again.serialized() == "0")
+    }
 }
