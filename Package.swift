@@ -1,6 +1,12 @@
 // swift-tools-version:6.2
 import PackageDescription
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
 let strictSettings: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
     .enableUpcomingFeature("MemberImportVisibility"),
@@ -31,6 +37,7 @@ let package = Package(
         .library(name: "TidemarkServer", targets: ["TidemarkServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
         .library(name: "TidemarkBackup", targets: ["TidemarkBackup"]),
+        .library(name: "TidemarkControl", targets: ["TidemarkControl"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -176,3 +183,23 @@ let package = Package(
         ),
     ]
 )
+
+// libFuzzer harnesses (Fuzz/), one per parser of untrusted bytes. They exist only when
+// `scripts/fuzz` sets TIDEMARK_FUZZ=1 and builds them, sanitized, into .build/fuzz, so the
+// normal `swift build` and `swift test` neither see nor compile them.
+if ProcessInfo.processInfo.environment["TIDEMARK_FUZZ"] == "1" {
+    let harnesses: [(name: String, dependencies: [Target.Dependency])] = [
+        ("FuzzHandshake", ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
+        ("FuzzRequests", ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
+        ("FuzzQMP", ["TidemarkControl"]),
+        ("FuzzQcow2", ["TidemarkBackup"]),
+        ("FuzzStore", ["DirtyTracking"]),
+    ]
+    package.targets.append(.target(name: "FuzzSupport", path: "Fuzz/FuzzSupport", swiftSettings: [.swiftLanguageMode(.v5)]))
+    for harness in harnesses {
+        package.targets.append(.executableTarget(
+            name: harness.name, dependencies: ["FuzzSupport"] + harness.dependencies,
+            path: "Fuzz/\(harness.name)", swiftSettings: [.swiftLanguageMode(.v5)]))
+        package.products.append(.executable(name: harness.name, targets: [harness.name]))
+    }
+}

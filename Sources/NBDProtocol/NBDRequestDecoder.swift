@@ -24,9 +24,11 @@ public struct NBDRequestDecoder {
     /// Lets the caller size its receive buffer for a large WRITE in one allocation.
     public func bytesNeeded(in buffer: ByteBuffer) -> Int? {
         guard draining == nil,
-            let (_, _, type, _, _, length) = buffer.getMultipleIntegers(
+            let (magic, _, type, _, _, length) = buffer.getMultipleIntegers(
                 at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self),
-            type == NBDCommandType.write.rawValue, length <= NBDLimits.maximumPayload
+            // A header with a bad magic ends the connection: never reserve (or wait for) the
+            // payload it claims.
+            magic == NBDMagic.request, type == NBDCommandType.write.rawValue, length <= NBDLimits.maximumPayload
         else { return nil }
         return NBDRequest.headerSize + Int(length)
     }

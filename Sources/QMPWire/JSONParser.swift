@@ -223,6 +223,9 @@ struct JSONParser {
         let text = String(decoding: bytes[start..<position], as: UTF8.self)
         if isInteger, let value = Int64(text) { return .int(value) }
         guard let value = Double(text) else { throw failure("invalid number") }
+        // 1e400 would be infinity, which JSON cannot express: it would be answered or logged
+        // as `null` (QEMU's parser refuses it too).
+        guard value.isFinite else { throw Failure(message: "number out of range", offset: start) }
         return .double(value)
     }
 }

@@ -37,8 +37,9 @@ public final class BackupFile: @unchecked Sendable {
     /// Writes all of `bytes` at `offset`.
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(BackupError) {
         guard let base = bytes.baseAddress else { return }
+        guard let position = off_t(exactly: offset) else { throw Self.failure(path, "write", EINVAL) }
         // A write that makes no progress fails with ENOSPC: disk full.
-        guard clinuxio_pwrite_all(descriptor, base, bytes.count, off_t(offset)) == 0 else {
+        guard clinuxio_pwrite_all(descriptor, base, bytes.count, position) == 0 else {
             throw Self.failure(path, "write", errno)
         }
     }
@@ -55,7 +56,11 @@ public final class BackupFile: @unchecked Sendable {
     /// Fills `buffer` from `offset`; bytes past the end of the file read as zeroes.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BackupError) {
         guard let base = buffer.baseAddress else { return }
-        guard clinuxio_pread_full(descriptor, base, buffer.count, off_t(offset)) == 0 else {
+        // An offset read from a damaged file may not fit off_t: refuse it, do not trap.
+        guard let position = off_t(exactly: offset), !position.addingReportingOverflow(off_t(buffer.count)).overflow else {
+            throw Self.failure(path, "read", EINVAL)
+        }
+        guard clinuxio_pread_full(descriptor, base, buffer.count, position) == 0 else {
             throw Self.failure(path, "read", errno)
         }
     }

@@ -67,7 +67,8 @@ public final class ChainReader {
     /// Fills `buffer` with the guest bytes at `offset` (any alignment, within the disk).
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BackupError) {
         guard let base = buffer.baseAddress else { return }
-        guard offset + UInt64(buffer.count) <= virtualSize else {
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(buffer.count))
+        guard !overflow, end <= virtualSize else {
             throw BackupError.invalidArgument("read past the end of the chain's disk (\(offset)+\(buffer.count))")
         }
         var done = 0

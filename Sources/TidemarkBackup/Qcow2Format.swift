@@ -19,6 +19,8 @@ public enum Qcow2Format {
     static let l2Entries: UInt64 = clusterSize / 8
     /// 16-bit refcounts per 64 KiB refcount block: one block covers 2 GiB of file.
     static let refcountsPerBlock: UInt64 = clusterSize / 2
+    /// Largest virtual size the reader accepts (QEMU's limit: 2^55 bytes with 2 MiB clusters).
+    static let maximumVirtualSize: UInt64 = 1 << 55
     /// Longest backing file name the format allows.
     static let maximumBackingNameLength = 1023
 

@@ -31,6 +31,8 @@ public final class Qcow2Image {
     /// The backing format from the header extension, if any.
     public let backingFormat: String?
     private let file: BackupFile
+    /// The file's length when opened: tables must lie inside it.
+    private let fileLength: UInt64
     private let l1: [UInt64]
     private let version: UInt32
     private var l2Cache: [UInt64: [UInt64]] = [:]
@@ -38,6 +40,7 @@ public final class Qcow2Image {
     public init(path: String) throws(BackupError) {
         self.path = path
         file = try BackupFile(path: path, flags: O_RDONLY)
+        fileLength = try file.length()
         let header = try file.read(count: 4096, at: 0)
         guard BigEndian.get32(header, at: 0) == Qcow2Format.magic else {
             throw BackupError.invalidImage(path: path, reason: "no qcow2 magic (an unfinished or foreign file?)")
@@ -57,9 +60,24 @@ public final class Qcow2Image {
         }
         let l1Size = UInt64(BigEndian.get32(header, at: 36))
         let l1Offset = BigEndian.get64(header, at: 40)
+        // QEMU's own bound (QCOW_MAX_IMAGE_SIZE is 2^55 in practice): it keeps every guest
+        // offset and cluster count far from overflowing.
+        guard virtualSize <= Qcow2Format.maximumVirtualSize else {
+            throw BackupError.invalidImage(path: path, reason: "virtual size \(virtualSize) is too large")
+        }
         let l2Coverage = clusterSize / 8 * clusterSize
-        guard l1Size >= (virtualSize + l2Coverage - 1) / l2Coverage, l1Size <= 1 << 25 else {
+        let l1Needed = virtualSize / l2Coverage + (virtualSize % l2Coverage == 0 ? 0 : 1)
+        guard l1Size >= l1Needed, l1Size <= 1 << 25 else {
             throw BackupError.invalidImage(path: path, reason: "L1 table of \(l1Size) entries for \(virtualSize) bytes")
+        }
+        // The L1 table must be cluster-aligned and inside the file, as QEMU requires: a
+        // damaged header must not make the reader allocate 256 MiB for a table that is not there.
+        if l1Size > 0 {
+            let (l1End, overflow) = l1Offset.addingReportingOverflow(l1Size * 8)
+            guard l1Offset % clusterSize == 0, !overflow, l1End <= fileLength else {
+                throw BackupError.invalidImage(
+                    path: path, reason: "L1 table of \(l1Size) entries at \(l1Offset) is not inside the \(fileLength)-byte file")
+            }
         }
         var headerLength: UInt64 = 72
         if version == 3 {
@@ -129,6 +147,11 @@ public final class Qcow2Image {
         }
         let l2Offset = l1[Int(l1Index)] & Qcow2Format.offsetMask
         if l2Offset == 0 { return .unallocated }
+        // Aligned and inside the file (QEMU calls anything else corruption): the cache then
+        // holds at most one table per cluster of the file.
+        guard l2Offset % clusterSize == 0, l2Offset <= fileLength, clusterSize <= fileLength - l2Offset else {
+            throw BackupError.invalidImage(path: path, reason: "L2 table at \(l2Offset) is unaligned or past the end of the file")
+        }
         let table: [UInt64]
         if let cached = l2Cache[l2Offset] {
             table = cached
@@ -142,7 +165,11 @@ public final class Qcow2Image {
         }
         if version == 3 && entry & Qcow2Format.zeroFlag != 0 { return .zero }
         let host = entry & Qcow2Format.offsetMask
-        return host == 0 ? .unallocated : .data(hostOffset: host)
+        if host == 0 { return .unallocated }
+        guard host % clusterSize == 0 else {
+            throw BackupError.invalidImage(path: path, reason: "data cluster at \(host) is not cluster-aligned")
+        }
+        return .data(hostOffset: host)
     }
 
     /// Reads host bytes (the data of a cluster found by ``clusterState(_:)``).

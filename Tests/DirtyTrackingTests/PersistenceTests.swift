@@ -414,3 +414,102 @@ struct PersistenceTests {
         #expect(contents.bitmaps[0].bitmap.runs() == [ByteRun(Self.region, Self.region)])
     }
 }
+
+/// Damaged stores found by the FuzzStore harness (Fuzz/, README "Fuzzing").
+@Suite("Fuzz regressions: bitmap store")
+struct StoreFuzzRegressionTests {
+    /// FuzzStore: a crashed store whose journal was deleted loaded as a recovery with none of
+    /// the journaled writes: fewer bits than the store held, and nothing said so.
+    @Test("a crashed store without its journal is reported corrupt, not loaded short")
+    func missingJournalAfterCrash() throws {
+        let fixture = try PersistenceTests.Fixture()
+        let size: UInt64 = 1 << 30
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+            try tracker.save()
+            try PersistenceTests.write(tracker, 700 << 20, 65536)
+            // No clean save: the process "crashes" here.
+        }
+        let journals = try fixture.files().filter { $0.hasPrefix("journal-") }
+        #expect(!journals.isEmpty)
+        for name in journals { try FileManager.default.removeItem(atPath: fixture.store + "/" + name) }
+        #expect {
+            _ = try fixture.open(size: size)
+        } throws: { error in
+            guard case BitmapError.storeCorrupt(_, let reason) = error else { return false }
+            return reason.contains("journal")
+        }
+    }
+
+    @Test("the same crashed store with its journal loads the journaled writes")
+    func journalPresentAfterCrash() throws {
+        let fixture = try PersistenceTests.Fixture()
+        let size: UInt64 = 1 << 30
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+            try tracker.save()
+            try PersistenceTests.write(tracker, 700 << 20, 65536)
+        }
+        let (_, contents) = try fixture.open(size: size)
+        #expect(contents.recovered)
+        let bitmap = try #require(contents.bitmaps.first { $0.name == "b0" })
+        #expect(bitmap.bitmap.isDirty(granule: Int((700 << 20) / bitmap.bitmap.granularity)))
+    }
+}
+
+/// Edits of `state.json` found by FuzzStore (seeded with targeted edits of a valid store).
+@Suite("Fuzz regressions: bitmap store manifest")
+struct StoreManifestFuzzRegressionTests {
+    /// Makes a saved store with bitmaps b0 and b1 (same granularity), applies `edit` to its
+    /// state.json text, and reopens it.
+    static func reopen(after edit: (String) -> String) throws -> Result<BitmapStore.Contents, any Error> {
+        let fixture = try PersistenceTests.Fixture()
+        let size: UInt64 = 1 << 30
+        do {
+            let (tracker, _) = try fixture.tracker(size: size)
+            try tracker.add(name: "b0", persistent: true)
+            try tracker.add(name: "b1", persistent: true)
+            try PersistenceTests.write(tracker, 0, 4096)
+            try tracker.save(cleanShutdown: true)
+        }
+        let path = fixture.store + "/state.json"
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let edited = edit(text)
+        #expect(edited != text)
+        try edited.write(toFile: path, atomically: true, encoding: .utf8)
+        return Result { try fixture.open(size: size).1 }
+    }
+
+    static func isCorrupt(_ result: Result<BitmapStore.Contents, any Error>) -> Bool {
+        if case .failure(BitmapError.storeCorrupt) = result { return true }
+        return false
+    }
+
+    @Test("two bitmaps of the same name are reported corrupt, not loaded twice")
+    func duplicateNames() throws {
+        let result = try Self.reopen { $0.replacingOccurrences(of: "\"b0\"", with: "\"b1\"") }
+        #expect(Self.isCorrupt(result))
+    }
+
+    @Test("a wordCount whose byte count overflows is reported corrupt, not a trap")
+    func hugeWordCount() throws {
+        let result = try Self.reopen {
+            $0.replacingOccurrences(of: "\"wordCount\" : 256", with: "\"wordCount\" : 2305843009213693952")
+        }
+        #expect(Self.isCorrupt(result))
+    }
+
+    @Test("an epoch or generation at the top of UInt64 is reported corrupt, not a trap at the next save")
+    func countersOutOfRange() throws {
+        let epoch = try Self.reopen {
+            $0.replacingOccurrences(of: #""epoch" : \d+"#, with: "\"epoch\" : 18446744073709551615", options: .regularExpression)
+        }
+        #expect(Self.isCorrupt(epoch))
+        let generation = try Self.reopen {
+            $0.replacingOccurrences(of: #""generation" : \d+"#, with: "\"generation\" : 18446744073709551615", options: .regularExpression)
+        }
+        #expect(Self.isCorrupt(generation))
+    }
+}
