@@ -37,7 +37,6 @@ let package = Package(
         .library(name: "TidemarkServer", targets: ["TidemarkServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
         .library(name: "TidemarkBackup", targets: ["TidemarkBackup"]),
-        .library(name: "TidemarkControl", targets: ["TidemarkControl"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -191,7 +190,7 @@ if ProcessInfo.processInfo.environment["TIDEMARK_FUZZ"] == "1" {
     let harnesses: [(name: String, dependencies: [Target.Dependency])] = [
         ("FuzzHandshake", ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
         ("FuzzRequests", ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
-        ("FuzzQMP", ["TidemarkControl"]),
+        ("FuzzQMP", ["QMPWire"]),
         ("FuzzQcow2", ["TidemarkBackup"]),
         ("FuzzStore", ["DirtyTracking"]),
     ]

@@ -7,7 +7,7 @@
 // parse → serialize → parse as the same value, and serialize the same way again.
 import FuzzSupport
 
-import TidemarkControl
+import QMPWire
 
 /// Same value; numbers compare by value (the serializer writes 1.0 as 1).
 func equivalent(_ a: JSONValue, _ b: JSONValue) -> Bool {

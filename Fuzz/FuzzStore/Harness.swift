@@ -14,7 +14,8 @@
 // bitmap names unique. For edits, "a damaged store never loads as clean":
 //   - edits of the bitmap data file, or a deleted journal: open fails, or every bitmap of
 //     the baseline loads with at least the bits the baseline loads with;
-//   - edits of state.json: open fails, or it reports a recovery, or the same superset holds
+//   - edits of state.json: open fails, or the store starts over (files moved aside, the
+//     problem reported), or it reports a recovery or a problem, or the same superset holds
 //     (a bitmap may go missing: that is reported to every client as "no such bitmap").
 //   Edited journal bytes are only checked for no trap: the current journal has no header or
 //   record count, so a truncated journal cannot be told from a shorter one.
@@ -211,8 +212,13 @@ func fuzz(_ buffer: UnsafeRawBufferPointer) {
         require(bitmap.bitmap.size == imageSize, "bitmap \(bitmap.name) of \(bitmap.bitmap.size) bytes")
     }
 
-    if let touched, !touched.journalBytes {
-        let lenient = touched.state && contents.recovered
+    // A store too damaged to trust starts over: its files are moved aside, nothing is
+    // loaded, and the problem is reported (bitmaps created on it then start entirely dirty).
+    if contents.damaged {
+        require(contents.bitmaps.isEmpty, "a store that started over loaded bitmaps \(names)")
+        require(!contents.problems.isEmpty, "a store started over without saying why")
+    } else if let touched, !touched.journalBytes {
+        let lenient = touched.state && (contents.recovered || !contents.problems.isEmpty)
         if !lenient {
             for (name, dirty) in baseline.dirty {
                 guard let loaded = contents.bitmaps.first(where: { $0.name == name }) else {

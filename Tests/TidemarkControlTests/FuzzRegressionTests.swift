@@ -1,5 +1,5 @@
 import Testing
-import TidemarkControl
+import QMPWire
 
 /// Inputs found by the libFuzzer harnesses (Fuzz/, README "Fuzzing"), kept as tests.
 @Suite("Fuzz regressions: QMP JSON")
