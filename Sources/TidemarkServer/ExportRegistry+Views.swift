@@ -29,8 +29,11 @@ extension ExportRegistry {
         }
         let names = Self.viewExportNames(of: export.name, checkpoint: checkpoint)
         // A view's id is its name, so neither may be taken.
-        for name in names where self.export(named: name) != nil || self.export(id: name) != nil || name.utf8.count > 4096 {
-            throw ServerError.duplicateExport(name)
+        for name in names {
+            guard name.utf8.count <= 4096 else { throw ServerError.exportNameTooLong(name) }
+            guard self.export(named: name) == nil, self.export(id: name) == nil else {
+                throw ServerError.duplicateExport(name)
+            }
         }
         let view = try PointInTimeView(image: export.image, sidecarPath: Self.sidecarPath(for: export, checkpoint: checkpoint))
         let activation = loop.makePromise(of: Void.self)

@@ -1,6 +1,8 @@
 /// Errors from configuring or starting the server, worded for the person running it.
 public enum ServerError: Error, Equatable, CustomStringConvertible {
     case duplicateExport(String)
+    /// An export name over the protocol's 4096 bytes (a view's name adds `@CHECKPOINT`).
+    case exportNameTooLong(String)
     /// Another export has this management id (QEMU's wording, which scripts match).
     case duplicateExportID(String)
     case noExports
@@ -11,6 +13,8 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .duplicateExport(let name): return "an export named '\(name)' already exists"
+        case .exportNameTooLong(let name):
+            return "the export name '\(name.prefix(64))…' is \(name.utf8.count) bytes; NBD allows at most 4096 (use a shorter export or checkpoint name)"
         case .duplicateExportID(let id): return "Block export id '\(id)' is already in use"
         case .noExports: return "no exports configured"
         case .bindFailed(let address, let reason): return "cannot listen on \(address): \(reason)"

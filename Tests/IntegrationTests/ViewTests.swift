@@ -141,6 +141,19 @@ struct ViewTests {
         try client.run("checkpoint-complete", ["node": "disk", "name": .string(second.checkpoint)])
     }
 
+    @Test("a view whose export name would pass NBD's 4096 bytes is refused as too long, not as a duplicate; nothing changes")
+    func viewNameTooLong() throws {
+        let exportName = String(repeating: "e", count: 3200)
+        let fixture = try ControlFixture(size: 4 << 20, name: exportName, extraArguments: ["--bitmap", "b0"])
+        let client = try fixture.qmp()
+        let checkpoint = String(repeating: "c", count: 1000)
+        let refused = try client.failure(
+            "checkpoint-create", ["node": .string(exportName), "bitmap": "b0", "name": .string(checkpoint), "view": true])
+        #expect(refused.desc.contains("NBD allows at most 4096"), "\(refused)")
+        #expect(!refused.desc.contains("already exists"), "\(refused)")
+        #expect(try client.run("query-checkpoints") == [], "no checkpoint was created")
+    }
+
     @Test("two views at once; block-export-del closes one, abort the other; stop removes sidecars")
     func closingViews() throws {
         let fixture = try ControlFixture(size: 8 << 20)
