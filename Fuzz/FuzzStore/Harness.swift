@@ -106,9 +106,20 @@ func makeBaseline(_ name: String, crashed: Bool) -> Baseline {
         recovered: contents.recovered, epoch: contents.epoch)
 }
 
+/// Copies a store folder. Foundation's copy gives up on EINTR, and libFuzzer's timer
+/// signals (-timeout) interrupt it now and then: a failed copy is tried again, from scratch.
 func copy(_ source: String, to target: String) {
-    try? files.removeItem(atPath: target)
-    do { try files.copyItem(atPath: source, toPath: target) } catch { fail("copy \(source): \(error)") }
+    var lastError: (any Error)?
+    for _ in 0..<5 {
+        try? files.removeItem(atPath: target)
+        do {
+            try files.copyItem(atPath: source, toPath: target)
+            return
+        } catch {
+            lastError = error
+        }
+    }
+    fail("copy \(source): \(lastError.map { "\($0)" } ?? "?")")
 }
 
 // POSIX, not Foundation's Data(contentsOf:): that leaks 4 KiB when the file is missing
