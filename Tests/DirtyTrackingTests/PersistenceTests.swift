@@ -418,21 +418,25 @@ struct PersistenceTests {
 /// Damaged stores found by the FuzzStore harness (Fuzz/, README "Fuzzing").
 @Suite("Fuzz regressions: bitmap store")
 struct StoreFuzzRegressionTests {
+    /// A 1 GiB image's store with b0 saved, then a write at 700 MiB journaled but never
+    /// saved: the process "crashes" with the tracker gone.
+    static func crashedStore() throws -> (PersistenceTests.Fixture, UInt64) {
+        let fixture = try PersistenceTests.Fixture()
+        let size: UInt64 = 1 << 30
+        let (tracker, _) = try fixture.tracker(size: size)
+        try tracker.add(name: "b0", persistent: true)
+        try tracker.save()
+        try PersistenceTests.write(tracker, 700 << 20, 65536)
+        return (fixture, size)
+    }
+
     /// FuzzStore: a crashed store whose journal was deleted loaded as a recovery with none of
     /// the journaled writes: fewer bits than the store held, and nothing said so. Now the
     /// writes since the last save are unknown, so the bitmap loads entirely dirty, and the
     /// problem names the journal.
     @Test("a crashed store without its journal loads entirely dirty and says so, not loaded short")
     func missingJournalAfterCrash() throws {
-        let fixture = try PersistenceTests.Fixture()
-        let size: UInt64 = 1 << 30
-        do {
-            let (tracker, _) = try fixture.tracker(size: size)
-            try tracker.add(name: "b0", persistent: true)
-            try tracker.save()
-            try PersistenceTests.write(tracker, 700 << 20, 65536)
-            // No clean save: the process "crashes" here.
-        }
+        let (fixture, size) = try Self.crashedStore()
         let journals = try fixture.files().filter { $0.hasPrefix("journal-") }
         #expect(!journals.isEmpty)
         for name in journals { try FileManager.default.removeItem(atPath: fixture.store + "/" + name) }
@@ -445,14 +449,7 @@ struct StoreFuzzRegressionTests {
 
     @Test("the same crashed store with its journal loads the journaled writes")
     func journalPresentAfterCrash() throws {
-        let fixture = try PersistenceTests.Fixture()
-        let size: UInt64 = 1 << 30
-        do {
-            let (tracker, _) = try fixture.tracker(size: size)
-            try tracker.add(name: "b0", persistent: true)
-            try tracker.save()
-            try PersistenceTests.write(tracker, 700 << 20, 65536)
-        }
+        let (fixture, size) = try Self.crashedStore()
         let (_, contents) = try fixture.open(size: size)
         #expect(contents.recovered)
         let bitmap = try #require(contents.bitmaps.first { $0.name == "b0" })
