@@ -36,6 +36,7 @@ let package = Package(
         .library(name: "DirtyTracking", targets: ["DirtyTracking"]),
         .library(name: "TidemarkServer", targets: ["TidemarkServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
+        .library(name: "BackupChain", targets: ["BackupChain"]),
         .library(name: "TidemarkBackup", targets: ["TidemarkBackup"]),
     ],
     dependencies: [
@@ -62,7 +63,7 @@ let package = Package(
         .target(
             name: "TidemarkServer",
             dependencies: [
-                "NBDProtocol", "BlockStorage", "DirtyTracking", "CLinuxIO",
+                "NBDProtocol", "BlockStorage", "BackupChain", "DirtyTracking", "CLinuxIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -109,8 +110,14 @@ let package = Package(
         // libnbd, the C client library behind nbdinfo, nbdcopy and fio's nbd engine.
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(name: "NBDClient", dependencies: ["CLibNBD"], swiftSettings: strictSettings),
+        // Backup directories and qcow2 chains read from disk: manifests, the chain reader of
+        // restore and verify, and the chain image the server serves (with its writable
+        // overlay). Below both the server and the backup client, so `tidemark` reads chains
+        // without linking libnbd.
+        .target(name: "BackupChain", dependencies: ["BlockStorage", "CLinuxIO"], swiftSettings: strictSettings),
         // Full and incremental backups into qcow2 chains, restore and verify (over NBDClient).
-        .target(name: "TidemarkBackup", dependencies: ["NBDClient", "CLinuxIO"], swiftSettings: strictSettings),
+        .target(
+            name: "TidemarkBackup", dependencies: ["BackupChain", "NBDClient", "CLinuxIO"], swiftSettings: strictSettings),
         .executableTarget(
             name: "tidemark",
             dependencies: [
@@ -162,7 +169,7 @@ let package = Package(
         ),
         .testTarget(
             name: "BackupTests",
-            dependencies: ["TestSupport", "TidemarkBackup"],
+            dependencies: ["TestSupport", "TidemarkBackup", "BackupChain", "BlockStorage"],
             swiftSettings: strictSettings
         ),
         .testTarget(

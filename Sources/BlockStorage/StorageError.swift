@@ -19,6 +19,9 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
     case notSupported(operation: String)
     /// A point-in-time view can no longer show its instant (closed, or copying failed).
     case viewUnavailable(reason: String)
+    /// An image file's own structure is damaged (a qcow2 table pointing outside the file):
+    /// the range cannot be read, and nothing is made up in its place.
+    case damagedImage(path: String, reason: String)
 
     /// The errno closest to this failure, for protocols that speak errno.
     public var errno: Int32 {
@@ -29,6 +32,7 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
         case .outOfRange: return EINVAL
         case .notSupported: return EOPNOTSUPP
         case .viewUnavailable: return EIO
+        case .damagedImage: return EIO
         }
     }
 
@@ -46,6 +50,8 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
             return "range \(offset)+\(length) is outside the image (size \(size))"
         case .notSupported(let operation):
             return "\(operation) is not supported by this file system"
+        case .damagedImage(let path, let reason):
+            return "'\(path)' is damaged: \(reason); the range cannot be served (check it with tidemark verify or qemu-img check)"
         case .viewUnavailable(let reason):
             return "the point-in-time view is unavailable: \(reason)"
         }

@@ -24,7 +24,7 @@ public struct BackupDirectory: Sendable {
         "backup-" + paddedIndex(index) + ".json"
     }
 
-    static func paddedIndex(_ index: Int) -> String {
+    package static func paddedIndex(_ index: Int) -> String {
         let digits = String(index)
         return String(repeating: "0", count: max(0, 4 - digits.count)) + digits
     }

@@ -100,13 +100,13 @@ public final class BackupFile: @unchecked Sendable {
 
     /// Maps ENOSPC and EDQUOT to ``BackupError/diskFull(path:)``, the rest to
     /// ``BackupError/fileSystem(path:operation:errno:)``.
-    static func failure(_ path: String, _ operation: String, _ code: Int32) -> BackupError {
+    package static func failure(_ path: String, _ operation: String, _ code: Int32) -> BackupError {
         if code == ENOSPC || code == EDQUOT { return .diskFull(path: path) }
         return .fileSystem(path: path, operation: operation, errno: code)
     }
 
     /// fsyncs a directory so that renames and unlinks in it are durable.
-    static func syncDirectory(_ path: String) throws(BackupError) {
+    package static func syncDirectory(_ path: String) throws(BackupError) {
         let directory = try BackupFile(path: path, flags: O_RDONLY | O_DIRECTORY)
         try directory.sync()
     }

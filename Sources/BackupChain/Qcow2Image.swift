@@ -32,7 +32,7 @@ public final class Qcow2Image {
     public let backingFormat: String?
     private let file: BackupFile
     /// The file's length when opened: tables must lie inside it.
-    private let fileLength: UInt64
+    public let fileLength: UInt64
     private let l1: [UInt64]
     private let version: UInt32
     private var l2Cache: [UInt64: [UInt64]] = [:]
@@ -138,28 +138,32 @@ public final class Qcow2Image {
         }
     }
 
-    /// The state of guest cluster `index` (in units of ``clusterSize``) in this file.
-    public func clusterState(_ index: UInt64) throws(BackupError) -> ClusterState {
-        let entriesPerTable = clusterSize / 8
-        let l1Index = index / entriesPerTable
-        guard l1Index < UInt64(l1.count) else {
-            throw BackupError.invalidImage(path: path, reason: "cluster \(index) is past the L1 table")
-        }
-        let l2Offset = l1[Int(l1Index)] & Qcow2Format.offsetMask
-        if l2Offset == 0 { return .unallocated }
-        // Aligned and inside the file (QEMU calls anything else corruption): the cache then
-        // holds at most one table per cluster of the file.
+    /// The open descriptor (positioned reads only: the image is shared between threads).
+    public var descriptor: Int32 { file.descriptor }
+
+    /// Number of L1 entries.
+    public var l1Count: Int { l1.count }
+
+    /// True when L1 entry `l1Index` points to an L2 table.
+    public func hasL2Table(l1Index: Int) -> Bool {
+        l1Index < l1.count && l1[l1Index] & Qcow2Format.offsetMask != 0
+    }
+
+    /// The L2 table of L1 entry `l1Index`, read from the file (not cached), or nil when
+    /// the entry maps nothing. The table must be cluster-aligned and inside the file, as
+    /// QEMU requires of a sound image.
+    public func readL2Table(l1Index: Int) throws(BackupError) -> [UInt64]? {
+        guard l1Index < l1.count else { return nil }
+        let l2Offset = l1[l1Index] & Qcow2Format.offsetMask
+        if l2Offset == 0 { return nil }
         guard l2Offset % clusterSize == 0, l2Offset <= fileLength, clusterSize <= fileLength - l2Offset else {
             throw BackupError.invalidImage(path: path, reason: "L2 table at \(l2Offset) is unaligned or past the end of the file")
         }
-        let table: [UInt64]
-        if let cached = l2Cache[l2Offset] {
-            table = cached
-        } else {
-            table = BigEndian.decodeTable(try file.read(count: Int(clusterSize), at: l2Offset))
-            l2Cache[l2Offset] = table
-        }
-        let entry = table[Int(index % entriesPerTable)]
+        return BigEndian.decodeTable(try file.read(count: Int(clusterSize), at: l2Offset))
+    }
+
+    /// What the L2 entry `entry` of guest cluster `cluster` means in this file alone.
+    public func decode(entry: UInt64, cluster: UInt64) throws(BackupError) -> ClusterState {
         if entry & Qcow2Format.compressedFlag != 0 {
             throw BackupError.unsupportedImageFeature(path: path, feature: "compressed clusters")
         }
@@ -170,6 +174,28 @@ public final class Qcow2Image {
             throw BackupError.invalidImage(path: path, reason: "data cluster at \(host) is not cluster-aligned")
         }
         return .data(hostOffset: host)
+    }
+
+    /// The state of guest cluster `index` (in units of ``clusterSize``) in this file.
+    public func clusterState(_ index: UInt64) throws(BackupError) -> ClusterState {
+        let entriesPerTable = clusterSize / 8
+        let l1Index = index / entriesPerTable
+        guard l1Index < UInt64(l1.count) else {
+            throw BackupError.invalidImage(path: path, reason: "cluster \(index) is past the L1 table")
+        }
+        let l2Offset = l1[Int(l1Index)] & Qcow2Format.offsetMask
+        if l2Offset == 0 { return .unallocated }
+        let table: [UInt64]
+        if let cached = l2Cache[l2Offset] {
+            table = cached
+        } else {
+            // Aligned and inside the file (checked by readL2Table): the cache then holds at
+            // most one table per cluster of the file.
+            guard let read = try readL2Table(l1Index: Int(l1Index)) else { return .unallocated }
+            table = read
+            l2Cache[l2Offset] = table
+        }
+        return try decode(entry: table[Int(index % entriesPerTable)], cluster: index)
     }
 
     /// Reads host bytes (the data of a cluster found by ``clusterState(_:)``).

@@ -21,6 +21,18 @@ public final class ChainReader {
 
     /// Opens `chain[0...point]` in `directory`.
     public init(directory: BackupDirectory, chain: [BackupManifest], point: Int) throws(BackupError) {
+        let layers = try Self.openLayers(directory: directory, chain: chain, point: point)
+        guard let top = layers.last else { throw BackupError.noChain(directory: directory.path) }
+        self.layers = layers
+        virtualSize = top.virtualSize
+        clusterSize = top.clusterSize
+    }
+
+    /// Opens the files of `chain[0...point]`, bottom first, each checked against its
+    /// manifest: same virtual size, backing name = the previous file, one cluster size.
+    public static func openLayers(
+        directory: BackupDirectory, chain: [BackupManifest], point: Int
+    ) throws(BackupError) -> [Qcow2Image] {
         guard chain.indices.contains(point) else { throw BackupError.noChain(directory: directory.path) }
         var layers: [Qcow2Image] = []
         for manifest in chain[0...point] {
@@ -41,10 +53,7 @@ public final class ChainReader {
             }
             layers.append(image)
         }
-        guard let top = layers.last else { throw BackupError.noChain(directory: directory.path) }
-        self.layers = layers
-        virtualSize = top.virtualSize
-        clusterSize = top.clusterSize
+        return layers
     }
 
     /// Number of guest clusters.
