@@ -63,7 +63,7 @@ let package = Package(
         .target(
             name: "TidemarkServer",
             dependencies: [
-                "NBDProtocol", "BlockStorage", "BackupChain", "DirtyTracking", "CLinuxIO",
+                "NBDProtocol", "BlockStorage", "BackupChain", "DirtyTracking",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -125,6 +125,10 @@ let package = Package(
                 "DirtyTracking", "CLinuxIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: strictSettings,
             linkerSettings: releaseStaticStdlib
@@ -145,6 +149,19 @@ let package = Package(
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: ["TestSupport", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strictSettings
+        ),
+        // The real connection handler pumped in memory (NIOAsyncTestingChannel): framing
+        // across reads, back-pressure, quiesce, the handshake deadline; no sockets, no sleeps.
+        .testTarget(
+            name: "TidemarkServerTests",
+            dependencies: [
+                "TidemarkServer", "NBDProtocol", "BlockStorage",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strictSettings
         ),
         .testTarget(
