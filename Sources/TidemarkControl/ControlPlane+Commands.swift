@@ -209,7 +209,7 @@ extension ControlPlane {
             "ro": .bool(export.isReadOnly),
             "image": [
                 "filename": .string(export.image.path), "format": "raw",
-                "virtual-size": .int(Int64(clamping: export.image.size)),
+                "virtual-size": .int(Int64(clamping: export.size)),
             ],
             "dirty-bitmaps": .array(bitmaps),
         ]
@@ -247,9 +247,18 @@ extension ControlPlane {
         let description = try arguments.optionalString("description") ?? ""
         let export: Export
         do {
-            export = try ExportOpener.open(
-                id: id, name: name, path: path, readOnly: readOnly, description: description, bitmaps: [],
-                stateDirectory: stateDirectory, logger: logger)
+            if ChainExportSpecification.isChain(path) {
+                // A backup chain point: `writable` (or `:rw`) serves it through an overlay.
+                var specification = try ChainExportSpecification(parsing: path)
+                specification.writable = specification.writable || !readOnly
+                export = try ExportOpener.openChain(
+                    id: id, name: name, specification: specification, description: description, bitmaps: [],
+                    stateDirectory: stateDirectory, logger: logger)
+            } else {
+                export = try ExportOpener.open(
+                    id: id, name: name, path: path, readOnly: readOnly, description: description, bitmaps: [],
+                    stateDirectory: stateDirectory, logger: logger)
+            }
         } catch {
             throw QMPError(.genericError, "\(error)")
         }
@@ -312,7 +321,7 @@ extension ControlPlane {
         for entry in export.openViews?.all ?? [] { closeView(of: export, checkpoint: entry.checkpoint) }
         if !export.isReadOnly {
             do {
-                try export.image.flush()
+                try export.flushImage()
             } catch {
                 logger.error("flushing removed export '\(export.name)' failed: \(error)")
             }

@@ -1,3 +1,4 @@
+import BackupChain
 import BlockStorage
 import DirtyTracking
 import NBDProtocol
@@ -40,6 +41,11 @@ struct CommandExecutor {
     /// Executes one command; replies that are ready at once are appended to `outbox`, so
     /// a burst of small requests costs one buffer and one socket write.
     func execute(_ command: NBDCommand, cookie: UInt64, outbox: inout ByteBuffer) -> CommandResult {
+        if case .chain(_, let overlay) = export.content,
+            let result = executeOnChain(command, overlay: overlay, cookie: cookie, outbox: &outbox)
+        {
+            return result
+        }
         switch command {
         case .read(let offset, let length, let dontFragment):
             return read(cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
@@ -198,6 +204,10 @@ struct CommandExecutor {
             return read(from: export.image, cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
         case .view(let view, _, _):
             return read(from: view, cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
+        case .chain(_, let overlay?):
+            return read(from: overlay, cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
+        case .chain(let chain, nil):
+            return read(from: chain, cookie: cookie, offset: offset, length: length, dontFragment: dontFragment, outbox: &outbox)
         }
     }
 
@@ -291,7 +301,7 @@ struct CommandExecutor {
                 for extent in allocation(offset: offset, length: length, requestOne: requestOne) where builder.wantsMore {
                     builder.append(
                         length: extent.length,
-                        flags: extent.isHole ? NBDAllocationFlags.hole | NBDAllocationFlags.zero : 0)
+                        flags: (extent.isHole ? NBDAllocationFlags.hole : 0) | (extent.isZero ? NBDAllocationFlags.zero : 0))
                 }
                 builder.write(cookie: cookie, done: done, fallbackFlags: 0, into: &buffer)
             case .unrecognized:
@@ -311,6 +321,10 @@ struct CommandExecutor {
             return export.image.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
         case .view(let view, _, false):
             return view.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+        case .chain(_, let overlay?):
+            return overlay.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+        case .chain(let chain, nil):
+            return chain.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
         case .view(_, let increment, true):
             // An increment that vanished (completed meanwhile) reads as all data: safe.
             let extents =

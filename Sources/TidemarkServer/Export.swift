@@ -1,3 +1,4 @@
+import BackupChain
 import BlockStorage
 import DirtyTracking
 import NBDProtocol
@@ -16,6 +17,8 @@ public final class Export: Sendable {
         /// increment as zero holes and the dirty ones as data, so a copying tool that skips
         /// zeroes (`nbdcopy --destination-is-zero`) reads exactly the increment.
         case view(PointInTimeView, increment: String, changesOnly: Bool)
+        /// A point of a backup chain (``ChainExport``); with an overlay, writable.
+        case chain(ChainImage, overlay: ChainOverlay?)
     }
 
     /// The export's identity for management (QMP's block export `id`, as QEMU keys
@@ -60,6 +63,33 @@ public final class Export: Sendable {
         self.content = .view(view, increment: increment, changesOnly: changesOnly)
     }
 
+    /// A chain export: `image` is the overlay file (writable) or the chain's top file
+    /// (read-only), which locate its bitmap store; the disk is `content`'s.
+    init(id: String, name: String, description: String, image: RawImage, chain: ChainImage, overlay: ChainOverlay?, tracker: DirtyTracker) {
+        self.id = id
+        self.name = name
+        self.description = description
+        self.image = image
+        self.isReadOnly = overlay == nil
+        self.tracker = tracker
+        self.content = .chain(chain, overlay: overlay)
+    }
+
+    /// The size of the disk served.
+    public var size: UInt64 {
+        if case .chain(let chain, _) = content { return chain.size }
+        return image.size
+    }
+
+    /// Makes every acknowledged write durable (a chain's overlay: its data and map).
+    public func flushImage() throws(StorageError) {
+        if case .chain(_, let overlay) = content {
+            try overlay?.flush()
+            return
+        }
+        try image.flush()
+    }
+
     /// The views open on a live export (nil for a view).
     public var openViews: OpenViews? {
         if case .live(let views) = content { return views }
@@ -70,7 +100,7 @@ public final class Export: Sendable {
     /// the increment of a view.
     public var offeredBitmaps: [String] {
         switch content {
-        case .live: return tracker.names
+        case .live, .chain: return tracker.names
         case .view(_, let increment, _): return [increment]
         }
     }
@@ -80,9 +110,9 @@ public final class Export: Sendable {
         NBDExportSummary(
             name: name,
             description: description,
-            size: image.size,
+            size: size,
             isReadOnly: isReadOnly,
-            minimumBlockSize: image.size % 512 == 0 ? 512 : 1,
+            minimumBlockSize: size % 512 == 0 ? 512 : 1,
             metaContexts: [NBDMetaContextKind.baseAllocationName]
                 + offeredBitmaps.map(NBDMetaContextKind.dirtyBitmapContext)
         )

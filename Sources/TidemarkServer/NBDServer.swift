@@ -256,7 +256,7 @@ public final class NBDServer: Sendable {
         for export in registry.all { registry.closeAllViews(of: export) }
         for export in registry.all {
             do {
-                if !export.isReadOnly { try export.image.flush() }
+                if !export.isReadOnly { try export.flushImage() }
                 try export.tracker.save(cleanShutdown: true)
             } catch {
                 logger.error("flushing export '\(export.name)' failed: \(error)")

@@ -25,7 +25,7 @@ struct ReadPlan: Sendable {
     func encode(into buffer: inout ByteBuffer, image: some ImageReader, blocking: Bool) -> Bool {
         let start = buffer.writerIndex
         var failure: StorageError?
-        let complete = reply.write(runs: holes?.lazy.map { (length: $0.length, isHole: $0.isHole) }, into: &buffer) {
+        let complete = reply.write(runs: holes?.lazy.map { (length: $0.length, isHole: $0.isZero) }, into: &buffer) {
             buffer, count, position in
             var appended = false
             buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in

@@ -9,6 +9,8 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
     case bindFailed(address: String, reason: String)
     case socketActivation(String)
     case invalidView(String)
+    /// A `backup:PATH[@POINT][:rw]` export that cannot be parsed or opened.
+    case invalidChainSpecification(String, reason: String)
 
     public var description: String {
         switch self {
@@ -20,6 +22,8 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
         case .bindFailed(let address, let reason): return "cannot listen on \(address): \(reason)"
         case .socketActivation(let reason): return "socket activation failed: \(reason)"
         case .invalidView(let reason): return "cannot open the view: \(reason)"
+        case .invalidChainSpecification(let text, let reason):
+            return "cannot serve '\(text)': \(reason) (use backup:DIR[@POINT][:rw], POINT an index, checkpoint or file name)"
         }
     }
 }

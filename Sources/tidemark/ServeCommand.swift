@@ -51,7 +51,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Flag(help: "Serve IMAGE read-only.")
     var readOnly = false
 
-    @Option(name: .customLong("export"), help: ArgumentHelp("Add an export (repeatable).", valueName: "NAME=PATH[:ro]"))
+    @Option(name: .customLong("export"), help: ArgumentHelp(
+                "Add an export (repeatable). PATH may be backup:DIR[@POINT][:rw]: a point of a backup chain (index, checkpoint or file name; the newest by default), read-only, or with :rw writable through an overlay beside the chain.",
+                valueName: "NAME=PATH[:ro]"))
     var exports: [String] = []
 
     @Option(
@@ -150,7 +152,12 @@ struct ServeCommand: AsyncParsableCommand {
         if checkpointTimeout < 0 { throw ValidationError("--checkpoint-timeout cannot be negative") }
         if stateDir?.isEmpty == true { throw ValidationError("--state-dir needs a folder") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
-        for spec in exports { _ = try ExportSpecification(parsing: spec) }
+        for spec in exports {
+            let parsed = try ExportSpecification(parsing: spec)
+            if ChainExportSpecification.isChain(parsed.path) {
+                do { _ = try ChainExportSpecification(parsing: parsed.path) } catch { throw ValidationError("\(error)") }
+            }
+        }
         for spec in bitmaps { _ = try BitmapSpecification(parsing: spec) }
         if let metrics { _ = try MetricsListener(parsing: metrics) }
     }
@@ -268,7 +275,14 @@ struct ServeCommand: AsyncParsableCommand {
             specifications = [ExportSpecification(name: name, path: Self.defaultImagePath, readOnly: readOnly)]
         }
         return try specifications.enumerated().map { index, specification in
-            try ExportOpener.open(
+            if ChainExportSpecification.isChain(specification.path) {
+                return try ExportOpener.openChain(
+                    name: specification.name,
+                    specification: ChainExportSpecification(parsing: specification.path), description: description,
+                    bitmaps: index == 0 ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
+                    stateDirectory: stateDir, logger: logger)
+            }
+            return try ExportOpener.open(
                 name: specification.name, path: specification.path, readOnly: specification.readOnly,
                 description: description,
                 bitmaps: index == 0 ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
