@@ -44,19 +44,77 @@ public final class ChainOverlay: ImageReader, Sendable {
 
     /// Opens (or creates) the overlay at `dataPath` with its map at `dataPath.map`.
     /// - Parameter identity: names the chain point; a map saved for another is refused.
-    public init(chain: ChainImage, dataPath: String, identity: String) throws(StorageError) {
+    public convenience init(chain: ChainImage, dataPath: String, identity: String) throws(StorageError) {
+        try self.init(chain: chain, dataPath: dataPath, mapPath: dataPath + ".map", identity: identity, allowLarger: false)
+    }
+
+    /// Opens `dataPath` (created sparse if missing) with its map at `mapPath`. With
+    /// `allowLarger`, the data may be larger than the disk (a live restore's target device);
+    /// it may never be smaller.
+    public init(chain: ChainImage, dataPath: String, mapPath: String, identity: String, allowLarger: Bool) throws(StorageError) {
         self.chain = chain
         let created = try RawImage.createSparseFileIfMissing(path: dataPath, size: chain.size)
         let data = try RawImage(path: dataPath, readOnly: false)
-        guard data.size == chain.size else {
+        guard data.size == chain.size || (allowLarger && data.size > chain.size) else {
             throw StorageError.damagedImage(
-                path: dataPath, reason: "the overlay is \(data.size) bytes but the chain's disk is \(chain.size) bytes")
+                path: dataPath,
+                reason: "it is \(data.size) bytes but the chain's disk is \(chain.size) bytes"
+                    + (data.size < chain.size ? ": too small to hold it" : ""))
         }
         self.data = data
-        map = OverlayMap(path: dataPath + ".map", identity: identity, diskSize: chain.size, granule: Self.granule)
+        map = OverlayMap(path: mapPath, identity: identity, diskSize: chain.size, granule: Self.granule)
         let loaded = created ? nil : try map.load()
         state = Mutex(State(words: loaded ?? [UInt64](repeating: 0, count: map.wordCount)))
         fillLock = Mutex(FillBuffer())
+    }
+
+    /// Number of granules of the disk.
+    public var granuleCount: Int { Int((chain.size + Self.granule - 1) / Self.granule) }
+
+    /// Copies the chain into the overlay where it holds nothing yet: the next run of
+    /// granules not in the overlay at or after `cursor`, at most `buffer.count` bytes,
+    /// read from the chain (or zeroed where the chain reads as zeroes) and marked.
+    /// Returns the bytes of the disk now covered, 0 when every granule is in the overlay.
+    ///
+    /// The live restore's copier: client writes mark their granules first and are skipped;
+    /// the copy holds the fill lock, so it never overwrites a client's write.
+    public func copyNext(cursor: inout Int, buffer: UnsafeMutableRawBufferPointer) throws(StorageError) -> UInt64 {
+        let maximum = max(1, buffer.count / Int(Self.granule))
+        let count = granuleCount
+        return try fillLock.withLock { (_: inout FillBuffer) throws(StorageError) -> UInt64 in
+            let (first, last) = state.withLock { state -> (Int, Int) in
+                var index = cursor
+                while index < count {
+                    let word = state.words[index >> 6]
+                    if word == .max && index & 63 == 0 {
+                        index += 64
+                        continue
+                    }
+                    if !Self.isSet(state.words, index) { break }
+                    index += 1
+                }
+                var end = index
+                while end < count, end - index < maximum, !Self.isSet(state.words, end) { end += 1 }
+                return (index, end)
+            }
+            guard first < count else {
+                cursor = count
+                return 0
+            }
+            let start = UInt64(first) * Self.granule
+            let end = min(size, UInt64(last) * Self.granule)
+            let extents = chain.allocationExtents(at: start, length: end - start, maxExtents: 1)
+            if let only = extents.first, only.isZero, only.length == end - start {
+                try data.writeZeroes(at: start, length: end - start, allowHole: true, fastOnly: false)
+            } else {
+                let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(end - start)])
+                try chain.read(into: piece, at: start)
+                try data.write(UnsafeRawBufferPointer(piece), at: start)
+            }
+            mark(first...(last - 1))
+            cursor = last
+            return end - start
+        }
     }
 
     public var size: UInt64 { chain.size }

@@ -3,6 +3,10 @@ import BlockStorage
 import DirtyTracking
 import Logging
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Opening a point of a backup chain as an export (`backup:PATH[@POINT][:rw]`).
 extension ExportOpener {
     /// Opens the chain point `specification` names as export `name`.
@@ -57,5 +61,57 @@ extension ExportOpener {
         return Export(
             id: id ?? name, name: name, description: shown, image: overlay.data, chain: chain, overlay: overlay,
             tracker: tracker)
+    }
+}
+
+extension ExportOpener {
+    /// Opens a live restore of the chain point `source` into `target` (a raw file, created
+    /// if missing, or a block device; never smaller than the disk) as export `name`, and
+    /// its copier (not started). The target is served writable at once: reads of what is
+    /// not copied yet come from the chain, writes go to the target. Progress is kept in
+    /// `TARGET.restore-map` (block devices: in `stateDirectory`), bound to the chain point:
+    /// resuming with another point is refused, so the target is never a mix of two.
+    public static func openLiveRestore(
+        name: String, source: ChainExportSpecification, target: String, bytesPerSecond: UInt64?, showProgress: Bool,
+        bitmaps: [BitmapRequest], stateDirectory: String? = nil, logger: Logger
+    ) throws -> (Export, LiveRestoreCopier) {
+        let location: ChainLocation
+        let chain: ChainImage
+        let shown = ChainExportSpecification.prefix + source.path + (source.point.map { "@" + $0 } ?? "")
+        do throws(BackupError) {
+            location = try ChainLocation.open(path: source.path, point: source.point)
+            chain = try ChainImage(layers: location.layers)
+        } catch {
+            throw ServerError.invalidChainSpecification(shown, reason: error.description)
+        }
+        for bitmap in bitmaps {
+            try BitmapLimits.checkSize(name: bitmap.name, imageSize: chain.size, granularity: bitmap.granularity)
+        }
+        var info = stat()
+        let isBlockDevice = stat(target, &info) == 0 && info.st_mode & S_IFMT == S_IFBLK
+        let mapPath: String
+        if isBlockDevice {
+            let flat = target.split(separator: "/").joined(separator: "_")
+            mapPath = (stateDirectory ?? "/var/lib/tidemark") + "/" + flat + ".restore-map"
+        } else {
+            mapPath = target + ".restore-map"
+        }
+        let identity = "the live restore of \(location.identity), point \(location.index) of \(source.path)"
+        let overlay = try ChainOverlay(chain: chain, dataPath: target, mapPath: mapPath, identity: identity, allowLarger: true)
+        let store = StoreLocator(image: overlay.data, stateDirectory: stateDirectory)
+        let tracker: DirtyTracker
+        switch try Self.tracker(location: store, image: overlay.data, readOnly: false, bitmaps: bitmaps, logger: logger) {
+        case .tracked(let opened): tracker = opened
+        case .untracked: tracker = DirtyTracker(size: chain.size)
+        case .readOnly:
+            throw ServerError.invalidChainSpecification(
+                shown, reason: "the target's bitmap store cannot record writes (see the error above)")
+        }
+        let export = Export(
+            id: name, name: name, description: "live restore of backup \(location.name) into \(target)", image: overlay.data,
+            chain: chain, overlay: overlay, tracker: tracker)
+        let copier = LiveRestoreCopier(
+            overlay: overlay, target: target, bytesPerSecond: bytesPerSecond, showProgress: showProgress, logger: logger)
+        return (export, copier)
     }
 }

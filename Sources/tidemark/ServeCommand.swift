@@ -40,7 +40,17 @@ struct ServeCommand: AsyncParsableCommand {
     static let defaultControlPath = "tidemark-data/control.sock"
 
     /// True when neither IMAGE nor --export was given.
-    private var usesDefaultImage: Bool { image == nil && exports.isEmpty && !empty }
+    private var usesDefaultImage: Bool { image == nil && exports.isEmpty && !empty && liveRestore == nil }
+
+    // `tidemark restore --live SOURCE TARGET` runs as `serve` with these (LiveRestoreArguments).
+    @Option(name: .customLong("live-restore"), help: .hidden)
+    var liveRestore: String?
+    @Option(name: .customLong("live-restore-target"), help: .hidden)
+    var liveRestoreTarget: String?
+    @Option(name: .customLong("rate"), help: .hidden)
+    var liveRestoreRate: String?
+    @Flag(name: .customLong("progress"), help: .hidden)
+    var showProgress = false
 
     @Argument(help: "Raw image file or block device to serve.")
     var image: String?
@@ -149,6 +159,13 @@ struct ServeCommand: AsyncParsableCommand {
             throw ValidationError("--empty cannot be combined with IMAGE or --export")
         }
         if empty && control == nil { throw ValidationError("--empty needs --control to add exports later") }
+        if liveRestore != nil {
+            guard liveRestoreTarget != nil else { throw ValidationError("a live restore needs a TARGET") }
+            guard image == nil && !empty else { throw ValidationError("restore --live serves its TARGET; give no IMAGE or --empty") }
+            if let liveRestoreRate, LiveRestoreArguments.parseRate(liveRestoreRate) == nil {
+                throw ValidationError("--rate needs bytes per second, e.g. 200M or 1G (got '\(liveRestoreRate)')")
+            }
+        }
         if checkpointTimeout < 0 { throw ValidationError("--checkpoint-timeout cannot be negative") }
         if stateDir?.isEmpty == true { throw ValidationError("--state-dir needs a folder") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
@@ -268,24 +285,36 @@ struct ServeCommand: AsyncParsableCommand {
         let requestedBitmaps = try bitmaps.map { try BitmapSpecification(parsing: $0) }
         var specifications = try exports.map { try ExportSpecification(parsing: $0) }
         if empty { return [] }
+        var restored: [Export] = []
+        if let liveRestore, let liveRestoreTarget {
+            let source = try ChainExportSpecification(parsing: ChainExportSpecification.prefix + liveRestore)
+            let (export, copier) = try ExportOpener.openLiveRestore(
+                name: name, source: source, target: liveRestoreTarget,
+                bytesPerSecond: liveRestoreRate.flatMap(LiveRestoreArguments.parseRate), showProgress: showProgress,
+                bitmaps: requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) },
+                stateDirectory: stateDir, logger: logger)
+            copier.start()
+            restored.append(export)
+            if specifications.isEmpty { return restored }
+        }
         if let image {
             specifications.insert(ExportSpecification(name: name, path: image, readOnly: readOnly), at: 0)
         } else if specifications.isEmpty {
             try createDefaultImage()
             specifications = [ExportSpecification(name: name, path: Self.defaultImagePath, readOnly: readOnly)]
         }
-        return try specifications.enumerated().map { index, specification in
+        return try restored + specifications.enumerated().map { index, specification in
             if ChainExportSpecification.isChain(specification.path) {
                 return try ExportOpener.openChain(
                     name: specification.name,
                     specification: ChainExportSpecification(parsing: specification.path), description: description,
-                    bitmaps: index == 0 ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
+                    bitmaps: index == 0 && restored.isEmpty ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
                     stateDirectory: stateDir, logger: logger)
             }
             return try ExportOpener.open(
                 name: specification.name, path: specification.path, readOnly: specification.readOnly,
                 description: description,
-                bitmaps: index == 0 ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
+                bitmaps: index == 0 && restored.isEmpty ? requestedBitmaps.map { .init(name: $0.name, granularity: $0.granularity) } : [],
                 stateDirectory: stateDir, logger: logger)
         }
     }

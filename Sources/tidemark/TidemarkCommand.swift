@@ -22,6 +22,16 @@ struct TidemarkCommand: AsyncParsableCommand {
     /// dying silently with status 141.
     static func main() async {
         signal(SIGPIPE, SIG_IGN)
+        let serveArguments: [String]?
+        do {
+            serveArguments = try LiveRestoreArguments.serveArguments(Array(CommandLine.arguments.dropFirst()))
+        } catch {
+            exit(withError: error)
+        }
+        if let serveArguments {
+            await main(serveArguments)
+            return
+        }
         BackupForwarding.execIfRequested(CommandLine.arguments)
         await main(nil)
     }

@@ -1,0 +1,88 @@
+import Foundation
+import NBDClient
+import Testing
+import TestSupport
+import TidemarkBackup
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `tidemark restore --live DIR[@POINT] TARGET`: the target served at once while a copier
+/// fills it from the chain, with client writes, kill -9 and resume.
+@Suite("Live restore: serve the target at once, copy behind, resume after kill -9")
+struct LiveRestoreTests {
+    static let size = ChainExportTests.size
+
+    static func waitForLog(_ server: TidemarkProcess, containing text: String, timeout: TimeInterval = 60) throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while !server.serverLog.contains(text) {
+            guard server.isRunning, Date() < deadline else {
+                throw HarnessError("no '\(text)' in the server log:\n\(server.serverLog)")
+            }
+            usleep(20_000)
+        }
+    }
+
+    @Test("reads are the chain point at once, writes stay, kill -9 mid-copy resumes from saved progress, the finished target is the point plus the writes")
+    func liveRestoreWithKill() throws {
+        let scratch = try TestDirectory()
+        let (directory, expected) = try ChainExportTests.makeChain(in: scratch, seed: 180)
+        let target = scratch.file("target.raw")
+        var model = try ImageFile.read(expected[2])
+        let first = try TidemarkProcess(
+            arguments: ["restore", "--live", "\(directory)@2", target, "--unix", scratch.file("lr.sock"), "--rate", "4M"],
+            directory: scratch)
+        let connection = try first.connect(export: "disk")
+        #expect(try connection.size == UInt64(Self.size))
+        #expect(try connection.pread(count: Self.size, offset: 0) == model, "served as the chain point before the copy is done")
+        var generator = SeededGenerator(seed: 5)
+        for round in 0..<20 {
+            let length = Int.random(in: 1...64, using: &generator) * 512
+            let offset = Int.random(in: 0..<(Self.size - length) / 512, using: &generator) * 512
+            let bytes = ImageFile.pattern(count: length, offset: offset, seed: UInt8(100 + round))
+            try connection.pwrite(bytes, offset: UInt64(offset))
+            model.replaceSubrange(offset..<(offset + length), with: bytes)
+        }
+        try connection.flush()
+        #expect(try connection.pread(count: Self.size, offset: 0) == model)
+        usleep(2_500_000)  // about 10 of 16 MiB at 4 MiB/s, progress saved every second
+        try first.stop(signal: SIGKILL)
+        #expect(!first.serverLog.contains("complete"), "the copy was still running at the kill:\n\(first.serverLog)")
+
+        // Another point into the same target is refused: never a mix of two points.
+        let other = try ControlPrograms.tidemark(
+            ["restore", "--live", "\(directory)@1", target, "--unix", scratch.file("other.sock")], timeout: 30)
+        #expect(!other.succeeded && other.stderr.contains("made for"), "\(other)")
+
+        let second = try TidemarkProcess(
+            arguments: ["restore", "--live", "\(directory)@2", target, "--unix", scratch.file("lr2.sock")], directory: scratch)
+        defer { _ = try? second.stop(signal: SIGKILL) }
+        let resumed = try #require(second.serverLog.split(separator: "\n").first { $0.contains("already there") })
+        #expect(!resumed.contains(" 0% already"), "the restart resumed from saved progress: \(resumed)")
+        try Self.waitForLog(second, containing: "complete")
+        let again = try second.connect(export: "disk")
+        #expect(try again.pread(count: Self.size, offset: 0) == model, "the export after completion")
+        try again.shutdown()
+        #expect(Array(try ImageFile.read(target).prefix(Self.size)) == model, "the target file holds the point and the writes")
+        // The backup was not touched.
+        let verify = try ControlPrograms.tidemark(["verify", directory])
+        #expect(verify.succeeded, "\(verify)")
+    }
+
+    @Test("a target smaller than the chain's disk and a damaged chain refuse to start")
+    func refusals() throws {
+        let scratch = try TestDirectory()
+        let (directory, _) = try ChainExportTests.makeChain(in: scratch, seed: 181)
+        let small = scratch.file("small.raw")
+        try ImageFile.createSparse(small, size: Self.size / 2)
+        let tooSmall = try ControlPrograms.tidemark(
+            ["restore", "--live", directory, small, "--unix", scratch.file("a.sock")], timeout: 30)
+        #expect(!tooSmall.succeeded && tooSmall.stderr.contains("too small"), "\(tooSmall)")
+        try FileManager.default.removeItem(atPath: directory + "/backup-0000.qcow2")
+        let missing = try ControlPrograms.tidemark(
+            ["restore", "--live", directory, scratch.file("t.raw"), "--unix", scratch.file("b.sock")], timeout: 30)
+        #expect(!missing.succeeded && missing.stderr.contains("backup-0000.qcow2"), "\(missing)")
+        #expect(!FileManager.default.fileExists(atPath: scratch.file("t.raw")), "nothing was created for a chain that cannot be read")
+    }
+}
