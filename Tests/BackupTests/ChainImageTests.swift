@@ -270,3 +270,44 @@ struct ChainImageTests {
         }
     }
 }
+
+extension ChainImageTests {
+    @Test("live restore copy: copyNext fills every granule the client did not write, never over a client's write")
+    func copyNextSkipsClientWrites() throws {
+        let size = 30 * Self.cluster + 4096
+        let (temporary, _, expected) = try Self.makeChain(seed: 81, size: size)
+        let location = try ChainLocation.open(path: temporary.path, point: "2")
+        let target = temporary.path + "/target.raw"
+        // A target with old content everywhere: the copy must replace all of it.
+        try Data(repeating: 0xCC, count: size + 8192).write(to: URL(fileURLWithPath: target))
+        let overlay = try ChainOverlay(
+            chain: ChainImage(layers: location.layers), dataPath: target, mapPath: target + ".map", identity: "restore",
+            allowLarger: true)
+        #expect(overlay.size == UInt64(size))
+        var model = expected[2]
+        try [UInt8](repeating: 0x11, count: 5000).withUnsafeBytes { try overlay.write($0, at: 70_000) }
+        model.replaceSubrange(70_000..<75_000, with: repeatElement(0x11, count: 5000))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 3 * Int(ChainOverlay.granule), alignment: 4096)
+        defer { buffer.deallocate() }
+        var cursor = 0
+        var covered: UInt64 = 0
+        var steps = 0
+        while true {
+            let done = try overlay.copyNext(cursor: &cursor, buffer: buffer)
+            if done == 0 { break }
+            #expect(done <= 3 * ChainOverlay.granule)
+            covered += done
+            steps += 1
+            if steps == 4 {
+                // A client write in the middle of the copy, to a granule not copied yet.
+                try [UInt8](repeating: 0x22, count: 100).withUnsafeBytes { try overlay.write($0, at: UInt64(size - 200)) }
+                model.replaceSubrange((size - 200)..<(size - 100), with: repeatElement(0x22, count: 100))
+            }
+        }
+        #expect(overlay.writtenGranules == overlay.granuleCount)
+        #expect(covered < UInt64(size), "granules written by the client were not copied")
+        let onDisk = try Data(contentsOf: URL(fileURLWithPath: target))
+        #expect(Array(onDisk.prefix(size)) == model, "the target holds the point and the client's writes")
+        #expect(try Self.read(overlay, count: size, at: 0) == model)
+    }
+}
