@@ -18,6 +18,7 @@ extension ControlPlane {
         "transaction", "query-block-exports", "query-named-block-nodes", "query-checkpoints",
         "block-export-add", "block-export-del",
         "checkpoint-create", "checkpoint-complete", "checkpoint-abort",
+        "live-restore-start", "query-live-restore",
     ]
 
     /// Bitmap commands that may appear as transaction actions, with their parameters.
@@ -85,6 +86,11 @@ extension ControlPlane {
                 arguments, allowed: ["type", "id", "filename", "name", "node-name", "writable", "description"]))
         case "block-export-del":
             return try deleteExport(QMPArguments(arguments, allowed: ["id", "mode"]))
+        case "live-restore-start":
+            return try startLiveRestore(QMPArguments(arguments, allowed: ["id", "source", "target", "rate", "name"]))
+        case "query-live-restore":
+            _ = try QMPArguments(arguments, allowed: [])
+            return queryLiveRestores()
         case "checkpoint-create":
             return try createCheckpoint(
                 QMPArguments(

@@ -33,6 +33,8 @@ public final class Export: Sendable {
     /// The image's named bitmaps; every write on every connection is recorded here.
     public let tracker: DirtyTracker
     public let content: Content
+    /// The copier filling this export's target when it is a live restore.
+    public let liveRestore: LiveRestoreCopier?
 
     /// A live export.
     /// - Parameters:
@@ -48,6 +50,7 @@ public final class Export: Sendable {
         self.isReadOnly = readOnly || image.isReadOnly
         self.tracker = tracker ?? DirtyTracker(size: image.size)
         self.content = .live(OpenViews())
+        self.liveRestore = nil
     }
 
     /// A read-only view export of `live` at checkpoint `increment`.
@@ -61,11 +64,15 @@ public final class Export: Sendable {
         self.isReadOnly = true
         self.tracker = live.tracker
         self.content = .view(view, increment: increment, changesOnly: changesOnly)
+        self.liveRestore = nil
     }
 
     /// A chain export: `image` is the overlay file (writable) or the chain's top file
     /// (read-only), which locate its bitmap store; the disk is `content`'s.
-    init(id: String, name: String, description: String, image: RawImage, chain: ChainImage, overlay: ChainOverlay?, tracker: DirtyTracker) {
+    init(
+        id: String, name: String, description: String, image: RawImage, chain: ChainImage, overlay: ChainOverlay?,
+        tracker: DirtyTracker, liveRestore: LiveRestoreCopier? = nil
+    ) {
         self.id = id
         self.name = name
         self.description = description
@@ -73,6 +80,7 @@ public final class Export: Sendable {
         self.isReadOnly = overlay == nil
         self.tracker = tracker
         self.content = .chain(chain, overlay: overlay)
+        self.liveRestore = liveRestore
     }
 
     /// The size of the disk served.

@@ -72,7 +72,7 @@ extension ExportOpener {
     /// `TARGET.restore-map` (block devices: in `stateDirectory`), bound to the chain point:
     /// resuming with another point is refused, so the target is never a mix of two.
     public static func openLiveRestore(
-        name: String, source: ChainExportSpecification, target: String, bytesPerSecond: UInt64?, showProgress: Bool,
+        id: String? = nil, name: String, source: ChainExportSpecification, target: String, bytesPerSecond: UInt64?, showProgress: Bool,
         bitmaps: [BitmapRequest], stateDirectory: String? = nil, logger: Logger
     ) throws -> (Export, LiveRestoreCopier) {
         let location: ChainLocation
@@ -107,11 +107,11 @@ extension ExportOpener {
             throw ServerError.invalidChainSpecification(
                 shown, reason: "the target's bitmap store cannot record writes (see the error above)")
         }
-        let export = Export(
-            id: name, name: name, description: "live restore of backup \(location.name) into \(target)", image: overlay.data,
-            chain: chain, overlay: overlay, tracker: tracker)
         let copier = LiveRestoreCopier(
             overlay: overlay, target: target, bytesPerSecond: bytesPerSecond, showProgress: showProgress, logger: logger)
+        let export = Export(
+            id: id ?? name, name: name, description: "live restore of backup \(location.name) into \(target)",
+            image: overlay.data, chain: chain, overlay: overlay, tracker: tracker, liveRestore: copier)
         return (export, copier)
     }
 }

@@ -24,6 +24,7 @@ public final class LiveRestoreCopier: Sendable {
     let showProgress: Bool
     let logger: Logger
     private let finished = Atomic<Bool>(false)
+    private let stopReason = Mutex<String?>(nil)
 
     /// Bytes copied between two saves of the progress, at most.
     static let flushInterval: UInt64 = 256 << 20
@@ -49,9 +50,21 @@ public final class LiveRestoreCopier: Sendable {
         return total == 0 ? 1 : Double(overlay.writtenGranules) / Double(total)
     }
 
-    /// Starts the copy on a thread of its own.
-    public func start() {
-        DispatchQueue(label: "tidemark.live-restore").async { self.run() }
+    /// Why the copy stopped before the end (an I/O error, a full disk), if it did.
+    public var failure: String? { stopReason.withLock { $0 } }
+
+    /// Starts the copy on a thread of its own; `onFinish` runs on it at the end, with the
+    /// failure if the copy stopped short.
+    public func start(onFinish: (@Sendable (String?) -> Void)? = nil) {
+        DispatchQueue(label: "tidemark.live-restore").async {
+            self.run()
+            onFinish?(self.failure)
+        }
+    }
+
+    private func fail(_ message: String) {
+        stopReason.withLock { $0 = message }
+        logger.error("\(message)")
     }
 
     private func run() {
@@ -70,7 +83,7 @@ public final class LiveRestoreCopier: Sendable {
             do throws(StorageError) {
                 done = try overlay.copyNext(cursor: &cursor, buffer: buffer)
             } catch {
-                logger.error("live restore into \(target) stopped: \(error); reads of the rest still come from the chain, restart to resume")
+                fail("live restore into \(target) stopped: \(error); reads of the rest still come from the chain, restart to resume")
                 return
             }
             if done == 0 { break }
@@ -99,7 +112,7 @@ public final class LiveRestoreCopier: Sendable {
         do throws(StorageError) {
             try overlay.flush()
         } catch {
-            logger.error("saving live restore progress failed: \(error); a restart finishes it")
+            fail("saving live restore progress failed: \(error); a restart finishes it")
             return
         }
         finished.store(true, ordering: .releasing)

@@ -1,5 +1,6 @@
 import Foundation
 import NBDClient
+import QMPWire
 import Testing
 import TestSupport
 import TidemarkBackup
@@ -84,5 +85,29 @@ struct LiveRestoreTests {
             ["restore", "--live", directory, scratch.file("t.raw"), "--unix", scratch.file("b.sock")], timeout: 30)
         #expect(!missing.succeeded && missing.stderr.contains("backup-0000.qcow2"), "\(missing)")
         #expect(!FileManager.default.fileExists(atPath: scratch.file("t.raw")), "nothing was created for a chain that cannot be read")
+    }
+
+    @Test("QMP: live-restore-start serves the target, query-live-restore reports progress, LIVE_RESTORE_COMPLETED ends it")
+    func overQMP() throws {
+        let scratch = try TestDirectory()
+        let (directory, expected) = try ChainExportTests.makeChain(in: scratch, seed: 182)
+        let fixture = try ControlFixture(empty: true)
+        let qmp = try fixture.qmp()
+        let target = scratch.file("qmp-target.raw")
+        try qmp.run("live-restore-start", ["id": "r1", "source": .string("\(directory)@3"), "target": .string(target), "rate": 4_194_304])
+        let progress = try qmp.run("query-live-restore")
+        let entry = try #require(progress.arrayValue?.first)
+        #expect(entry["id"] == "r1" && entry["total-bytes"] == .int(Int64(Self.size)), "\(progress)")
+        #expect(entry["complete"] == .bool(false), "a 16 MiB copy at 4 MiB/s is not done at once: \(progress)")
+        let copy = scratch.file("early.raw")
+        try ExternalTool.check("nbdcopy", [try fixture.uri(export: "r1"), copy])
+        #expect(try ImageFile.sha256(copy) == ImageFile.sha256(expected[3]), "served as the point while copying")
+        let event = try qmp.waitForEvent("LIVE_RESTORE_COMPLETED", timeout: 60)
+        #expect(event["data"]?["id"] == "r1" && event["data"]?["error"] == nil, "\(event)")
+        let finished = try qmp.run("query-live-restore")
+        #expect(finished.arrayValue?.first?["complete"] == .bool(true) && finished.arrayValue?.first?["done-bytes"] == .int(Int64(Self.size)), "\(finished)")
+        #expect(Array(try ImageFile.read(target).prefix(Self.size)) == (try ImageFile.read(expected[3])))
+        let failure = try qmp.failure("live-restore-start", ["id": "r2", "source": .string("\(directory)@9"), "target": .string(scratch.file("x.raw"))])
+        #expect(failure.desc.contains("no backup '9'"), "\(failure)")
     }
 }
