@@ -1,4 +1,5 @@
-// libFuzzer harness: qcow2 files as restore and verify read them (Qcow2Image, ChainReader).
+// libFuzzer harness: qcow2 files as restore and verify read them (Qcow2Image, ChainReader)
+// and as the server serves them (ChainImage), checked against each other.
 //
 // Input: [config byte][4-byte salt][4-byte length N][N bytes: backup-0000.qcow2][rest: backup-0001.qcow2].
 // With config bit 0 set and a second file, the two form a chain (the second backed by the
@@ -86,4 +87,21 @@ func fuzz(_ buffer: UnsafeRawBufferPointer) {
     // Reads past the end must be refused, not wrap around.
     require((try? reader.read(count: 1, at: size)) == nil, "read at the end succeeded")
     require((try? reader.read(count: 16, at: UInt64.max - 8)) == nil, "read past UInt64.max succeeded")
+
+    // The server's reader of the same files (merged tables, bounds-checked lazily): where
+    // both read, they agree; its map never overruns the range; no trap either way.
+    guard let served = try? ChainImage(layers: images) else { return }
+    require(served.size == size, "ChainImage size \(served.size), ChainReader \(size)")
+    for offset in probes(size, served.clusterSize, salt) {
+        let count = Int(min(UInt64(4096 + 512), size - offset))
+        var bytes = [UInt8](repeating: 0, count: count)
+        let read = (try? bytes.withUnsafeMutableBytes { try served.read(into: $0, at: offset) }) != nil
+        if read, let expected = try? reader.read(count: count, at: offset) {
+            require(bytes == expected, "ChainImage and ChainReader disagree at \(offset)")
+        }
+        let extents = served.allocationExtents(at: offset, length: UInt64(count), maxExtents: 8)
+        require(extents.count <= 8 && extents.reduce(0) { $0 + $1.length } <= UInt64(count), "map overruns \(offset)+\(count)")
+    }
+    var byte: UInt8 = 0
+    require((try? withUnsafeMutableBytes(of: &byte) { try served.read(into: $0, at: size) }) == nil, "served read at the end")
 }
