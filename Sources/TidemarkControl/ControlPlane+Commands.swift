@@ -63,7 +63,7 @@ extension ControlPlane {
         case "query-checkpoints":
             _ = try QMPArguments(arguments, allowed: [])
             return .array(registry.all.flatMap { export in
-                export.openViews == nil ? [] : export.tracker.query().compactMap { bitmap -> JSONValue? in
+                export.isPointInTimeView ? [] : export.tracker.query().compactMap { bitmap -> JSONValue? in
                     guard let origin = bitmap.checkpointOf else { return nil }
                     var entry: [String: JSONValue] = [
                         "node": .string(export.name), "name": .string(bitmap.name), "bitmap": .string(origin),
@@ -116,7 +116,7 @@ extension ControlPlane {
     /// Turns one bitmap command into the operation it stands for.
     func bitmapOperation(_ command: String, _ arguments: QMPArguments) throws(QMPError) -> (Export, BitmapOperation) {
         let export = try export(arguments.string("node"))
-        guard export.openViews != nil else {
+        guard !export.isPointInTimeView else {
             throw QMPError(.genericError, "'\(export.name)' is a point-in-time view; its bitmaps belong to its export")
         }
         switch command {
@@ -382,7 +382,11 @@ extension ControlPlane {
         var viewNames: [String] = []
         if withView {
             guard export.openViews != nil else {
-                throw QMPError(.genericError, "'\(node)' is a view; checkpoints are taken of live exports")
+                throw QMPError(
+                    .genericError,
+                    export.isPointInTimeView
+                        ? "'\(node)' is a view; checkpoints are taken of live exports"
+                        : "'\(node)' serves a backup chain: its checkpoints take no point-in-time view (omit \"view\")")
             }
             do {
                 viewNames = try registry.openView(of: export, checkpoint: name, on: timerLoop) { try perform(checkpoint) }

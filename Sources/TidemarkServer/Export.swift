@@ -83,6 +83,13 @@ public final class Export: Sendable {
         self.liveRestore = liveRestore
     }
 
+    /// True for a point-in-time view's export (its bitmaps are its live export's); a
+    /// backup chain export has bitmaps of its own but takes no views.
+    public var isPointInTimeView: Bool {
+        if case .view = content { return true }
+        return false
+    }
+
     /// The size of the disk served.
     public var size: UInt64 {
         if case .chain(let chain, _) = content { return chain.size }

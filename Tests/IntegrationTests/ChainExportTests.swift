@@ -221,4 +221,37 @@ struct ChainExportTests {
         let missing = try serve("backup:\(directory)@2")
         #expect(!missing.succeeded && missing.stderr.contains("backup-0001.qcow2"), "\(missing)")
     }
+
+    @Test("a machine running from a backup is backed up incrementally: bitmaps and checkpoints on a :rw chain export, full and incremental backups of it restore exactly")
+    func backupOfTheOverlay() throws {
+        let scratch = try TestDirectory()
+        let (directory, _) = try Self.makeChain(in: scratch, seed: 174)
+        let control = scratch.file("rw-qmp.sock")
+        let server = try TidemarkProcess(
+            arguments: ["serve", "--unix", scratch.file("rw.sock"), "--control", control, "--export", "vm=backup:\(directory)@2:rw"],
+            directory: scratch)
+        defer { _ = try? server.stop(signal: SIGKILL) }
+        let qmp = try QMPTestClient(path: control)
+        try qmp.run("block-dirty-bitmap-add", ["node": "vm", "name": "b0", "persistent": true])
+        let uri = try server.unixURI(export: "vm")
+        let second = scratch.file("second-chain")
+        var generator = SeededGenerator(seed: 31)
+        let writer = try server.connect(export: "vm")
+        try BackupChecks.mutate(writer, size: UInt64(Self.size), operations: 20, generator: &generator)
+        _ = try BackupChecks.backup(["full", uri, second])
+        var expected = [scratch.file("second-0.raw")]
+        try BackupChecks.snapshot(writer, to: expected[0])
+        try BackupChecks.mutate(writer, size: UInt64(Self.size), operations: 20, generator: &generator)
+        let created = try ControlPrograms.tidemark(["checkpoint", "create", "--control", control, "--bitmap", "b0", "--export", "vm"])
+        try created.requireSuccess()
+        let checkpoint = created.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let summary = try BackupChecks.backup(["incremental", uri, second, "--bitmap", checkpoint])
+        #expect((summary["bytesCopied"] as? Int ?? 0) < Self.size / 2, "an increment of the overlay copies only what changed: \(summary)")
+        expected.append(scratch.file("second-1.raw"))
+        try BackupChecks.snapshot(writer, to: expected[1])
+        try writer.shutdown()
+        try BackupChecks.checkChain(second, expected: expected, scratch: scratch)
+        let refused = try qmp.failure("checkpoint-create", ["node": "vm", "bitmap": "b0", "name": "v1", "view": true])
+        #expect(refused.desc.contains("backup chain"), "\(refused)")
+    }
 }
