@@ -6,7 +6,13 @@ import TidemarkBackup
 struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restore",
-        abstract: "Write the disk as a backup chain holds it at one point to a raw image or an NBD export.")
+        abstract: "Write the disk as a backup chain holds it at one point to a raw image or an NBD export.",
+        discussion: """
+            Live restore (run by tidemark, which serves while it restores): tidemark restore --live \
+            DIR[@POINT] TARGET [--rate BYTES_PER_SECOND] [serve options: --unix, --name, --control, …] \
+            serves TARGET at once as a writable export while it is filled from the chain in the \
+            background; progress survives a restart (TARGET.restore-map).
+            """)
 
     @Argument(help: "Backup directory.") var directory: String
     @Option(help: "Chain point: index (0 = the full backup), checkpoint name or file name (default: the newest).")
