@@ -174,4 +174,33 @@ struct LiveRestoreTests {
         }
         #expect(Array(try ImageFile.read(target).prefix(Self.size)) == model, "the point with every flushed write on top")
     }
+
+    @Test("a full disk stops the copy with a clear error while reads stay right; with space again, a restart completes the restore")
+    func fullDisk() throws {
+        let scratch = try TestDirectory()
+        let (directory, expected) = try ChainExportTests.makeChain(in: scratch, seed: 184)
+        let fs = try StoreFaultTests.LoopFileSystem(in: scratch)
+        defer { fs.tearDown() }
+        let target = fs.mountPoint + "/target.raw"
+        let model = try ImageFile.read(expected[3])
+        do {
+            let server = try TidemarkProcess(
+                arguments: ["restore", "--live", directory, target, "--unix", scratch.file("full.sock"), "--rate", "1M"],
+                directory: scratch)
+            defer { _ = try? server.stop(signal: SIGKILL) }
+            try fs.fill()
+            try Self.waitForLog(server, containing: "stopped")
+            #expect(server.serverLog.contains("No space left on device"), "\(server.serverLog)")
+            let reader = try server.connect(export: "disk")
+            #expect(try reader.pread(count: Self.size, offset: 0) == model, "reads stay right after the copy stopped")
+            try reader.shutdown()
+        }
+        try FileManager.default.removeItem(atPath: fs.filler)
+        let again = try TidemarkProcess(
+            arguments: ["restore", "--live", directory, target, "--unix", scratch.file("full2.sock")], directory: scratch)
+        defer { _ = try? again.stop(signal: SIGKILL) }
+        try Self.waitForLog(again, containing: "complete")
+        try again.stop()
+        #expect(Array(try ImageFile.read(target).prefix(Self.size)) == model)
+    }
 }
