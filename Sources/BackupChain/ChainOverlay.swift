@@ -63,6 +63,9 @@ public final class ChainOverlay: ImageReader, Sendable {
         }
         self.data = data
         map = OverlayMap(path: mapPath, identity: identity, diskSize: chain.size, granule: Self.granule)
+        // A map left from a data file that is gone would claim granules the new file does
+        // not hold: it goes before anything is written.
+        if created { try map.remove() }
         let loaded = created ? nil : try map.load()
         state = Mutex(State(words: loaded ?? [UInt64](repeating: 0, count: map.wordCount)))
         fillLock = Mutex(FillBuffer())

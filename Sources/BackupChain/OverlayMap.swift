@@ -92,6 +92,20 @@ public struct OverlayMap: Sendable {
         .invalidImage(path: path, reason: "overlay map is damaged (\(reason)); the overlay cannot be trusted")
     }
 
+    /// Deletes the saved map (durably), if there is one.
+    public func remove() throws(StorageError) {
+        guard unlink(path) == 0 else {
+            if errno == ENOENT { return }
+            throw StorageError.ioFailed(operation: "unlink \(path)", errno: errno)
+        }
+        let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        do throws(BackupError) {
+            try BackupFile.syncDirectory(directory.isEmpty ? "/" : directory)
+        } catch {
+            throw ChainImage.storageError(error)
+        }
+    }
+
     /// Replaces the saved map with `words`, durably and atomically.
     public func save(_ words: [UInt64]) throws(StorageError) {
         let identityBytes = Array(identity.utf8)

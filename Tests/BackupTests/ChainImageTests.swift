@@ -310,4 +310,25 @@ extension ChainImageTests {
         #expect(Array(onDisk.prefix(size)) == model, "the target holds the point and the client's writes")
         #expect(try Self.read(overlay, count: size, at: 0) == model)
     }
+
+    @Test("a map left behind by a deleted overlay is dropped, not trusted, when the overlay is created again")
+    func staleMapIsDropped() throws {
+        let size = 8 * Self.cluster
+        let (temporary, _, expected) = try Self.makeChain(seed: 91, size: size)
+        let location = try ChainLocation.open(path: temporary.path, point: nil)
+        do {
+            let overlay = try ChainOverlay(chain: ChainImage(layers: location.layers), dataPath: location.overlayPath, identity: location.identity)
+            try [UInt8](repeating: 9, count: 4096).withUnsafeBytes { try overlay.write($0, at: 0) }
+            try overlay.flush()
+        }
+        try FileManager.default.removeItem(atPath: location.overlayPath)
+        do {
+            let fresh = try ChainOverlay(chain: ChainImage(layers: location.layers), dataPath: location.overlayPath, identity: location.identity)
+            #expect(fresh.writtenGranules == 0)
+            #expect(!FileManager.default.fileExists(atPath: location.overlayPath + ".map"))
+        }
+        // As after a crash before any FLUSH: the reopened overlay shows the chain, not zeroes.
+        let reopened = try ChainOverlay(chain: ChainImage(layers: location.layers), dataPath: location.overlayPath, identity: location.identity)
+        #expect(try Self.read(reopened, count: size, at: 0) == expected[3])
+    }
 }
