@@ -101,8 +101,15 @@ public final class PointInTimeView: Sendable {
     /// and the file deleted: at once when no copy is in progress, otherwise by the writer
     /// whose copy ends last. Never waits.
     public func close() {
+        settle { $0.closed = true }
+    }
+
+    /// Applies a change that may end a wait or make the sidecar's deletion due (a copy
+    /// ended, the view broke or closed), then wakes the sleepers and deletes the sidecar
+    /// if so.
+    private func settle(_ change: (inout State) -> Void) {
         let (release, wake) = state.withLock { state in
-            state.closed = true
+            change(&state)
             return (state.takeSidecarRelease(), state.sleepers > 0)
         }
         if wake { copied.wakeAll() }
@@ -175,25 +182,19 @@ public final class PointInTimeView: Sendable {
             do throws(StorageError) {
                 try copy(runs, into: sidecar)
             } catch {
-                let (release, wake) = state.withLock { state in
+                settle { state in
                     state.failure = state.failure ?? .viewUnavailable(reason: "copy-before-write failed: \(error)")
                     state.copying -= 1
-                    return (state.takeSidecarRelease(), state.sleepers > 0)
                 }
-                if wake { copied.wakeAll() }
-                if release { releaseSidecar() }
                 throw error
             }
-            let (release, wake) = state.withLock { state in
+            settle { state in
                 for run in runs {
                     for index in run { state.preserved.insert(index) }
                     state.preservedCount += run.count
                 }
                 state.copying -= 1
-                return (state.takeSidecarRelease(), state.sleepers > 0)
             }
-            if wake { copied.wakeAll() }
-            if release { releaseSidecar() }
         }
         if othersCopying { waitUntilPreserved(range) }
     }
