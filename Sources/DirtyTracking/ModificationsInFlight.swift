@@ -1,8 +1,5 @@
+import CLinuxIO
 import Synchronization
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Counts the modifications in flight per write epoch, and lets a management operation
 /// sleep until its epoch's modifications have finished.
@@ -13,30 +10,15 @@ import Glibc
 /// when it finishes the last modification of an epoch someone is waiting for. The waiter
 /// runs on a management thread (the control thread, startup), never on an event loop.
 final class ModificationsInFlight: @unchecked Sendable {
-    // @unchecked: the counters are atomics; `mutex` and `condition` are pthread objects
-    // at fixed addresses, used only through pthread calls.
+    // @unchecked: the counters are atomics; the sleeper is used only through its own
+    // (locking) C functions.
     private let even = Atomic<Int>(0)
     private let odd = Atomic<Int>(0)
     /// True while a management operation waits in `drain`.
     private let waiting = Atomic<Bool>(false)
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let condition: UnsafeMutablePointer<pthread_cond_t>
+    private let sleeper = clinuxio_sleeper_new()
 
-    init() {
-        mutex = .allocate(capacity: 1)
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-        condition = .allocate(capacity: 1)
-        condition.initialize(to: pthread_cond_t())
-        pthread_cond_init(condition, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(condition)
-        condition.deallocate()
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
+    deinit { clinuxio_sleeper_free(sleeper) }
 
     /// A modification of `epoch` began (called under the tracker's state lock, so it is
     /// counted before any operation can end that epoch).
@@ -57,9 +39,7 @@ final class ModificationsInFlight: @unchecked Sendable {
         // Sequentially consistent on both sides: either this sees `waiting`, or the
         // waiter (which sets it before reading the count) sees zero.
         guard left == 0, waiting.load(ordering: .sequentiallyConsistent) else { return }
-        pthread_mutex_lock(mutex)
-        pthread_cond_broadcast(condition)
-        pthread_mutex_unlock(mutex)
+        clinuxio_sleeper_wake_all(sleeper)
     }
 
     /// Modifications of `epoch` (and of the other epoch of the same parity, of which
@@ -73,9 +53,9 @@ final class ModificationsInFlight: @unchecked Sendable {
     func drain(epoch: UInt64) {
         guard count(epoch: epoch) > 0 else { return }
         waiting.store(true, ordering: .sequentiallyConsistent)
-        pthread_mutex_lock(mutex)
-        while count(epoch: epoch) > 0 { pthread_cond_wait(condition, mutex) }
-        pthread_mutex_unlock(mutex)
+        clinuxio_sleeper_lock(sleeper)
+        while count(epoch: epoch) > 0 { clinuxio_sleeper_wait(sleeper) }
+        clinuxio_sleeper_unlock(sleeper)
         waiting.store(false, ordering: .sequentiallyConsistent)
     }
 }
