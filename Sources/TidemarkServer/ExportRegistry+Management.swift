@@ -2,6 +2,9 @@ import BlockStorage
 import DirtyTracking
 import NIOCore
 
+/// The management API of the exports: what the control plane asks for (bitmap
+/// operations, checkpoints and their views, removing exports), done by each live
+/// export's `ExportWrites`.
 extension ExportRegistry {
     /// The export names of a view of `export` at `checkpoint`: `disk@c3` shows the image
     /// at the instant, `disk@c3.changes` the same data with the increment as allocation.
