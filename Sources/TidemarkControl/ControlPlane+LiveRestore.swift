@@ -1,4 +1,3 @@
-import DirtyTracking
 import QMPWire
 import TidemarkServer
 
@@ -33,7 +32,7 @@ extension ControlPlane {
         do {
             try registry.add(export)
         } catch {
-            try? export.tracker.save(cleanShutdown: true)
+            export.closeUnserved()
             throw QMPError(.genericError, error.description)
         }
         copier.start { [self] failure in

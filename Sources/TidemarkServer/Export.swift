@@ -7,9 +7,13 @@ import NBDProtocol
 ///
 /// Shared by every connection to it (one file descriptor, one page cache), which is what
 /// makes `CAN_MULTI_CONN` honest: a FLUSH on any connection covers writes from all.
+///
+/// Other modules see only what describes the export; what changes it (bitmaps,
+/// checkpoints, views, removal) goes through `ExportRegistry`, and every change of its
+/// image and bitmaps through its `ExportWrites`.
 public final class Export: Sendable {
     /// What the export's reads show.
-    public enum Content: Sendable {
+    enum Content: Sendable {
         /// The image as it is now; its writes preserve old data into the open views.
         case live(OpenViews)
         /// The image at a checkpoint's instant, carrying the checkpoint's increment.
@@ -17,7 +21,8 @@ public final class Export: Sendable {
         /// increment as zero holes and the dirty ones as data, so a copying tool that skips
         /// zeroes (`nbdcopy --destination-is-zero`) reads exactly the increment.
         case view(PointInTimeView, increment: String, changesOnly: Bool)
-        /// A point of a backup chain (``ChainExport``); with an overlay, writable.
+        /// A point of a backup chain (`ExportOpener.openChain`); with an overlay, writable
+        /// (its writes go to the overlay through `ExportWrites`).
         case chain(ChainImage, overlay: ChainOverlay?)
     }
 
@@ -28,11 +33,14 @@ public final class Export: Sendable {
     /// The name NBD clients ask for, and the `node` of bitmap and checkpoint commands.
     public let name: String
     public let description: String
-    public let image: RawImage
+    let image: RawImage
     public let isReadOnly: Bool
     /// The image's named bitmaps; every write on every connection is recorded here.
-    public let tracker: DirtyTracker
-    public let content: Content
+    let tracker: DirtyTracker
+    let content: Content
+    /// The owner of the image's modifications and checkpoints (a view's is its live
+    /// export's, so the live export counts as in use while its views are).
+    let writes: ExportWrites
     /// The copier filling this export's target when it is a live restore.
     public let liveRestore: LiveRestoreCopier?
 
@@ -48,13 +56,15 @@ public final class Export: Sendable {
         self.description = description
         self.image = image
         self.isReadOnly = readOnly || image.isReadOnly
-        self.tracker = tracker ?? DirtyTracker(size: image.size)
-        self.content = .live(OpenViews())
+        let writes = ExportWrites(image: image, tracker: tracker ?? DirtyTracker(size: image.size))
+        self.writes = writes
+        self.tracker = writes.tracker
+        self.content = .live(writes.views)
         self.liveRestore = nil
     }
 
     /// A read-only view export of `live` at checkpoint `increment`.
-    public init(name: String, viewOf live: Export, view: PointInTimeView, increment: String, changesOnly: Bool) {
+    init(name: String, viewOf live: Export, view: PointInTimeView, increment: String, changesOnly: Bool) {
         self.id = name
         self.name = name
         self.description =
@@ -63,12 +73,13 @@ public final class Export: Sendable {
         self.image = live.image
         self.isReadOnly = true
         self.tracker = live.tracker
+        self.writes = live.writes
         self.content = .view(view, increment: increment, changesOnly: changesOnly)
         self.liveRestore = nil
     }
 
     /// A chain export: `image` is the overlay file (writable) or the chain's top file
-    /// (read-only), which locate its bitmap store; the disk is `content`'s.
+    /// (read-only), which locate its bitmap store; the disk is `chain`'s.
     init(
         id: String, name: String, description: String, image: RawImage, chain: ChainImage, overlay: ChainOverlay?,
         tracker: DirtyTracker, liveRestore: LiveRestoreCopier? = nil
@@ -78,19 +89,36 @@ public final class Export: Sendable {
         self.description = description
         self.image = image
         self.isReadOnly = overlay == nil
-        self.tracker = tracker
+        let writes = ExportWrites(image: image, tracker: tracker, overlay: overlay)
+        self.writes = writes
+        self.tracker = writes.tracker
         self.content = .chain(chain, overlay: overlay)
         self.liveRestore = liveRestore
     }
 
-    /// True for a point-in-time view's export (its bitmaps are its live export's); a
-    /// backup chain export has bitmaps of its own but takes no views.
-    public var isPointInTimeView: Bool {
+    /// The views open on a live export (nil for a view).
+    var openViews: OpenViews? {
+        if case .live(let views) = content { return views }
+        return nil
+    }
+
+    /// True for a point-in-time view's export (bitmaps and checkpoints belong to the live
+    /// export it shows). A backup chain export has bitmaps of its own but takes no views.
+    public var isView: Bool {
         if case .view = content { return true }
         return false
     }
 
-    /// The size of the disk served.
+    /// True for a point of a backup chain (`backup:` exports and live restores).
+    public var servesBackupChain: Bool {
+        if case .chain = content { return true }
+        return false
+    }
+
+    /// The image file (or block device) the export serves.
+    public var fileName: String { image.path }
+
+    /// The export's size in bytes (a chain export's: its disk's, not its file's).
     public var size: UInt64 {
         if case .chain(let chain, _) = content { return chain.size }
         return image.size
@@ -105,11 +133,11 @@ public final class Export: Sendable {
         try image.flush()
     }
 
-    /// The views open on a live export (nil for a view).
-    public var openViews: OpenViews? {
-        if case .live(let views) = content { return views }
-        return nil
-    }
+    /// The image's bitmaps, in creation order (a view's: its live export's).
+    public var bitmaps: [BitmapInfo] { tracker.query() }
+
+    /// The default name of the next checkpoint (`DirtyTracker.nextCheckpointName`).
+    public var nextCheckpointName: String { tracker.nextCheckpointName() }
 
     /// The bitmaps offered as `qemu:dirty-bitmap:` contexts: all of a live export's, only
     /// the increment of a view.
@@ -118,6 +146,20 @@ public final class Export: Sendable {
         case .live, .chain: return tracker.names
         case .view(_, let increment, _): return [increment]
         }
+    }
+
+    /// The open view of a checkpoint on this live export, as management reports it.
+    public func view(ofCheckpoint checkpoint: String) -> ViewStatus? {
+        guard let entry = openViews?.entry(checkpoint: checkpoint) else { return nil }
+        return ViewStatus(
+            exportNames: entry.exportNames, preservedBytes: entry.view.preservedBytes,
+            sidecarBytes: entry.view.sidecarAllocatedBytes, failure: entry.view.failure?.description)
+    }
+
+    /// Saves the bitmaps of an export that was opened but never served (adding it
+    /// failed), marked as cleanly closed, so its store is left as it was found.
+    public func closeUnserved() {
+        try? tracker.save(cleanShutdown: true)
     }
 
     /// The export as the handshake sees it.

@@ -203,7 +203,7 @@ struct StreamChecker {
     }
 
     mutating func run(_ stream: [UInt8], pieces: [Int], completeEvery: Int) {
-        var connection = NBDServerConnection()
+        let connection = NBDServerConnection()
         input.clear()
         var fed = 0
         var consumed = 0
