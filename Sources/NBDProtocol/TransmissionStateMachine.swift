@@ -102,9 +102,17 @@ public struct TransmissionStateMachine {
         guard allowed.isSuperset(of: flags) else {
             return reject(.invalid, "flags 0x\(String(flags.rawValue, radix: 16)) are not valid for this command")
         }
+        if let defect = request.defect {
+            return reject(.invalid, defect.description)
+        }
         let fua = flags.contains(.fua)
         let offset = request.offset
         let length = request.length
+        // Commands still carry 32-bit lengths; only an extended header can say more.
+        guard length <= UInt64(UInt32.max) else {
+            return reject(.invalid, "length \(length) is more than this server takes in one request")
+        }
+        let length32 = UInt32(length)
 
         switch type {
         case .flush:
@@ -123,14 +131,14 @@ public struct TransmissionStateMachine {
                 return reject(.invalid, "request of \(length) bytes exceeds the maximum of \(NBDLimits.maximumPayload)")
             }
         }
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
+        let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || end > session.size {
             let error: NBDError = (type == .write || type == .writeZeroes) ? .noSpace : .invalid
             return reject(error, "range \(offset)+\(length) is beyond the end of the export (\(session.size) bytes)")
         }
         if session.enforcesBlockSize && session.minimumBlockSize > 1 {
             let alignment = UInt64(session.minimumBlockSize)
-            let lengthAligned = type == .blockStatus || UInt64(length) % alignment == 0 || end == session.size
+            let lengthAligned = type == .blockStatus || length % alignment == 0 || end == session.size
             if offset % alignment != 0 || !lengthAligned {
                 return reject(.invalid, "request is not aligned to the \(alignment)-byte minimum block size")
             }
@@ -139,7 +147,7 @@ public struct TransmissionStateMachine {
         switch type {
         case .read:
             return .execute(cookie: cookie, command: .read(
-                offset: offset, length: length, dontFragment: flags.contains(.dontFragment)))
+                offset: offset, length: length32, dontFragment: flags.contains(.dontFragment)))
         case .write:
             var payload = request.payload ?? ByteBuffer()
             if payload.readableBytes != Int(length) {
@@ -148,12 +156,12 @@ public struct TransmissionStateMachine {
             }
             return .execute(cookie: cookie, command: .write(offset: offset, payload: payload, fua: fua))
         case .trim:
-            return .execute(cookie: cookie, command: .trim(offset: offset, length: length, fua: fua))
+            return .execute(cookie: cookie, command: .trim(offset: offset, length: length32, fua: fua))
         case .cache:
-            return .execute(cookie: cookie, command: .cache(offset: offset, length: length))
+            return .execute(cookie: cookie, command: .cache(offset: offset, length: length32))
         case .writeZeroes:
             return .execute(cookie: cookie, command: .writeZeroes(
-                offset: offset, length: length, noHole: flags.contains(.noHole),
+                offset: offset, length: length32, noHole: flags.contains(.noHole),
                 fastZero: flags.contains(.fastZero), fua: fua))
         case .blockStatus:
             guard session.structuredReplies else {
@@ -164,7 +172,7 @@ public struct TransmissionStateMachine {
             }
             guard length > 0 else { return reject(.invalid, "BLOCK_STATUS needs a non-zero length") }
             return .execute(cookie: cookie, command: .blockStatus(
-                offset: offset, length: length, requestOne: flags.contains(.requestOne)))
+                offset: offset, length: length32, requestOne: flags.contains(.requestOne)))
         case .disconnect, .flush:
             return reject(.invalid, "unreachable")
         }
