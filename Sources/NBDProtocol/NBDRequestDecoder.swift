@@ -66,7 +66,7 @@ public struct NBDRequestDecoder {
             header.magic == framing.requestMagic, header.type == NBDCommandType.write.rawValue
         else { return nil }
         let payload = payloadLength(type: header.type, flags: header.flags, length: header.length)
-        guard payload > 0, payload <= UInt64(NBDLimits.maximumPayload) else { return nil }
+        guard payload <= UInt64(NBDLimits.maximumPayload) else { return nil }
         return framing.requestHeaderSize + Int(payload)
     }
 

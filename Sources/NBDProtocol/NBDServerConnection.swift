@@ -17,13 +17,19 @@ public struct NBDServerConnection {
     public struct Configuration: Sendable {
         /// False answers `NBD_OPT_STRUCTURED_REPLY` with an error, as an old server would.
         public var offersStructuredReplies: Bool
+        /// False answers `NBD_OPT_EXTENDED_HEADERS` with an error, as a server without them.
+        public var offersExtendedHeaders: Bool
         /// Requests in flight at which reading pauses.
         public var maximumInFlight: Int
         /// READ and WRITE bytes in flight at which reading pauses.
         public var maximumBytesInFlight: UInt64
 
-        public init(offersStructuredReplies: Bool = true, maximumInFlight: Int = 128, maximumBytesInFlight: UInt64 = 32 << 20) {
+        public init(
+            offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true, maximumInFlight: Int = 128,
+            maximumBytesInFlight: UInt64 = 32 << 20
+        ) {
             self.offersStructuredReplies = offersStructuredReplies
+            self.offersExtendedHeaders = offersExtendedHeaders
             self.maximumInFlight = maximumInFlight
             self.maximumBytesInFlight = maximumBytesInFlight
         }
@@ -57,7 +63,9 @@ public struct NBDServerConnection {
 
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
-        self.handshake = HandshakeStateMachine(offersStructuredReplies: configuration.offersStructuredReplies)
+        self.handshake = HandshakeStateMachine(
+            offersStructuredReplies: configuration.offersStructuredReplies,
+            offersExtendedHeaders: configuration.offersExtendedHeaders)
     }
 
     // MARK: - State
@@ -131,6 +139,7 @@ public struct NBDServerConnection {
             return .close(.handshakeFailed(failure))
         case .enterTransmission(let session):
             phase = .transmission
+            decoder = NBDRequestDecoder(framing: session.framing)
             transmission = TransmissionStateMachine(
                 session: session, maximumInFlight: configuration.maximumInFlight,
                 maximumBytesInFlight: configuration.maximumBytesInFlight)
@@ -154,7 +163,8 @@ public struct NBDServerConnection {
             case .reject(let cookie, let command, let error, let message):
                 NBDReplyEncoder.writeError(
                     cookie: cookie, command: command, error: error, message: message,
-                    structured: transmission?.session.structuredReplies ?? false, into: &output)
+                    structured: transmission?.session.structuredReplies ?? false,
+                    framing: transmission?.session.framing ?? .compact, requestOffset: request.offset, into: &output)
                 return .refused(cookie: cookie, command: command, error: error, message: message)
             case .disconnect:
                 if inFlight == 0 {

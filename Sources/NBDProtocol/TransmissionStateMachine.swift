@@ -111,11 +111,6 @@ public struct TransmissionStateMachine {
         let fua = flags.contains(.fua)
         let offset = request.offset
         let length = request.length
-        // Commands still carry 32-bit lengths; only an extended header can say more.
-        guard length <= UInt64(UInt32.max) else {
-            return reject(.invalid, "length \(length) is more than this server takes in one request")
-        }
-        let length32 = UInt32(length)
 
         switch type {
         case .flush:
@@ -134,6 +129,8 @@ public struct TransmissionStateMachine {
                 return reject(.invalid, "request of \(length) bytes exceeds the maximum of \(NBDLimits.maximumPayload)")
             }
         }
+        // READ's length is a payload's (checked above), at most 32 bits.
+        let payloadLength = UInt32(truncatingIfNeeded: length)
         let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || end > session.size {
             let error: NBDError = (type == .write || type == .writeZeroes) ? .noSpace : .invalid
@@ -150,7 +147,7 @@ public struct TransmissionStateMachine {
         switch type {
         case .read:
             return .execute(cookie: cookie, command: .read(
-                offset: offset, length: length32, dontFragment: flags.contains(.dontFragment)))
+                offset: offset, length: payloadLength, dontFragment: flags.contains(.dontFragment)))
         case .write:
             var payload = request.payload ?? ByteBuffer()
             if payload.readableBytes != Int(length) {
@@ -159,12 +156,12 @@ public struct TransmissionStateMachine {
             }
             return .execute(cookie: cookie, command: .write(offset: offset, payload: payload, fua: fua))
         case .trim:
-            return .execute(cookie: cookie, command: .trim(offset: offset, length: length32, fua: fua))
+            return .execute(cookie: cookie, command: .trim(offset: offset, length: length, fua: fua))
         case .cache:
-            return .execute(cookie: cookie, command: .cache(offset: offset, length: length32))
+            return .execute(cookie: cookie, command: .cache(offset: offset, length: length))
         case .writeZeroes:
             return .execute(cookie: cookie, command: .writeZeroes(
-                offset: offset, length: length32, noHole: flags.contains(.noHole),
+                offset: offset, length: length, noHole: flags.contains(.noHole),
                 fastZero: flags.contains(.fastZero), fua: fua))
         case .blockStatus:
             guard session.structuredReplies else {
@@ -175,7 +172,7 @@ public struct TransmissionStateMachine {
             }
             guard length > 0 else { return reject(.invalid, "BLOCK_STATUS needs a non-zero length") }
             return .execute(cookie: cookie, command: .blockStatus(
-                offset: offset, length: length32, requestOne: flags.contains(.requestOne)))
+                offset: offset, length: length, requestOne: flags.contains(.requestOne)))
         case .disconnect, .flush:
             return reject(.invalid, "unreachable")
         }
@@ -191,7 +188,11 @@ public struct TransmissionStateMachine {
             return session.isReadOnly ? [.fua, .noHole] : [.fua, .noHole, .fastZero]
         case .blockStatus:
             return [.fua, .requestOne]
-        case .write, .disconnect, .flush, .trim, .cache:
+        case .write:
+            // Extended headers: WRITE carries NBD_CMD_FLAG_PAYLOAD_LEN (the decoder refused
+            // writes without it); on any other command the flag is refused here.
+            return session.framing == .extended ? [.fua, .payloadLength] : [.fua]
+        case .disconnect, .flush, .trim, .cache:
             return [.fua]
         }
     }

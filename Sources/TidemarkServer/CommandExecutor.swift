@@ -47,27 +47,30 @@ struct CommandExecutor {
             return write(cookie: cookie, offset: offset, payload: payload, fua: fua, outbox: &outbox)
         case .flush:
             let tracker = export.tracker
-            return offload(cookie: cookie, command: .flush) { (image) throws(StorageError) in
+            return offload(cookie: cookie, command: .flush, offset: 0) { (image) throws(StorageError) in
                 try image.flush()
                 Self.saveBitmaps(tracker)
             }
         case .trim(let offset, let length, let fua):
-            return modify(cookie: cookie, command: .trim, offset: offset, length: UInt64(length)) { (image) throws(StorageError) in
+            return modify(cookie: cookie, command: .trim, offset: offset, length: length) { (image) throws(StorageError) in
                 do throws(StorageError) {
-                    try image.discard(at: offset, length: UInt64(length))
+                    try image.discard(at: offset, length: length)
                 } catch .notSupported {
                     // TRIM is advisory: a file system that cannot punch holes simply keeps the data.
                 }
                 if fua { try image.flush() }
             }
         case .cache(let offset, let length):
-            export.image.prefetch(at: offset, length: UInt64(length))
-            NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
+            export.image.prefetch(at: offset, length: length)
+            NBDReplyEncoder.writeStatusReply(
+                cookie: cookie, error: 0, framing: session.framing, requestOffset: offset, into: &outbox)
             return .written
         case .writeZeroes(let offset, let length, let noHole, let fastZero, let fua):
-            return modify(cookie: cookie, command: .writeZeroes, offset: offset, length: UInt64(length)) {
+            // One call whatever the length (a whole multi-TiB disk under extended headers):
+            // the image zeroes with fallocate, or in bounded 1 MiB buffers without it.
+            return modify(cookie: cookie, command: .writeZeroes, offset: offset, length: length) {
                 (image) throws(StorageError) in
-                try image.writeZeroes(at: offset, length: UInt64(length), allowHole: !noHole, fastOnly: fastZero)
+                try image.writeZeroes(at: offset, length: length, allowHole: !noHole, fastOnly: fastZero)
                 if fua { try image.flush() }
             }
         case .blockStatus(let offset, let length, let requestOne):
@@ -132,9 +135,9 @@ struct CommandExecutor {
         let waiting = preparation.views.filter { !$0.view.isActive }.map(\.activation)
         let future =
             waiting.isEmpty
-            ? offloaded(cookie: cookie, command: command, prepared)
+            ? offloaded(cookie: cookie, command: command, offset: offset, prepared)
             : EventLoopFuture.andAllComplete(waiting, on: eventLoop).flatMap {
-                self.offloaded(cookie: cookie, command: command, prepared)
+                self.offloaded(cookie: cookie, command: command, offset: offset, prepared)
             }
         // The future fails only when the pool stopped before running the work (errors of
         // the work become error replies): the modification is over all the same.
@@ -152,37 +155,43 @@ struct CommandExecutor {
     // MARK: - Replies
 
     private static func errorReply(
-        _ error: StorageError, cookie: UInt64, command: NBDCommandType, structured: Bool,
-        allocator: ByteBufferAllocator
+        _ error: StorageError, cookie: UInt64, command: NBDCommandType, structured: Bool, framing: NBDFraming,
+        offset: UInt64, allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var buffer = allocator.buffer(capacity: 64)
         NBDReplyEncoder.writeError(
             cookie: cookie, command: command.rawValue, error: NBDError(storageError: error, command: command),
-            message: error.description, structured: structured, into: &buffer)
+            message: error.description, structured: structured, framing: framing, requestOffset: offset, into: &buffer)
         return buffer
     }
 
     /// Runs a status-only operation on the I/O pool.
+    /// - Parameter offset: the request's offset, which extended reply headers echo.
     private func offload(
-        cookie: UInt64, command: NBDCommandType, _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
+        cookie: UInt64, command: NBDCommandType, offset: UInt64,
+        _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
     ) -> CommandResult {
-        .pending(offloaded(cookie: cookie, command: command, work))
+        .pending(offloaded(cookie: cookie, command: command, offset: offset, work))
     }
 
     private func offloaded(
-        cookie: UInt64, command: NBDCommandType, _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
+        cookie: UInt64, command: NBDCommandType, offset: UInt64,
+        _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
     ) -> EventLoopFuture<ByteBuffer> {
         let image = export.image
         let allocator = self.allocator
         let structured = session.structuredReplies
+        let framing = session.framing
         let future = pool.runIfActive(eventLoop: eventLoop) { () -> ByteBuffer in
             do throws(StorageError) {
                 try work(image)
             } catch {
-                return Self.errorReply(error, cookie: cookie, command: command, structured: structured, allocator: allocator)
+                return Self.errorReply(
+                    error, cookie: cookie, command: command, structured: structured, framing: framing, offset: offset,
+                    allocator: allocator)
             }
-            var buffer = allocator.buffer(capacity: NBDReplyEncoder.simpleHeaderSize)
-            NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
+            var buffer = allocator.buffer(capacity: NBDReplyEncoder.statusReplySize(framing))
+            NBDReplyEncoder.writeStatusReply(cookie: cookie, error: 0, framing: framing, requestOffset: offset, into: &buffer)
             return buffer
         }
         return future
@@ -206,6 +215,7 @@ struct CommandExecutor {
     ) -> CommandResult {
         let plan = ReadPlan(
             cookie: cookie, offset: offset, length: length, structured: session.structuredReplies,
+            framing: session.framing,
             holes: session.structuredReplies && !dontFragment && length >= Self.sparseReadThreshold
                 ? image.allocationExtents(at: offset, length: UInt64(length), maxExtents: Self.maximumAllocationExtents)
                 : nil)
@@ -240,7 +250,8 @@ struct CommandExecutor {
             if done == payload.readableBytes {
                 if length >= Self.bulkWriteLength { image.startWriteback(at: offset, length: length) }
                 preparation.finish()
-                NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
+                NBDReplyEncoder.writeStatusReply(
+                    cookie: cookie, error: 0, framing: session.framing, requestOffset: offset, into: &outbox)
                 return .written
             }
             let rest = payload.getSlice(at: payload.readerIndex + done, length: payload.readableBytes - done) ?? ByteBuffer()
@@ -266,17 +277,18 @@ struct CommandExecutor {
     /// One chunk per selected context, in the order SET_META_CONTEXT returned them; each
     /// context's kind was resolved then, so nothing here parses a name.
     private func blockStatus(
-        cookie: UInt64, offset: UInt64, length: UInt32, requestOne: Bool, into buffer: inout ByteBuffer
+        cookie: UInt64, offset: UInt64, length: UInt64, requestOne: Bool, into buffer: inout ByteBuffer
     ) {
         let contexts = session.metaContexts
         for (index, context) in contexts.enumerated() {
-            var builder = BlockStatusBuilder(contextID: context.id, offset: offset, length: length, requestOne: requestOne)
+            var builder = BlockStatusBuilder(
+                contextID: context.id, offset: offset, length: length, requestOne: requestOne, framing: session.framing)
             let done = index == contexts.count - 1
             switch context.kind {
             case .dirtyBitmap(let bitmap):
                 do throws(BitmapError) {
                     let extents = try export.tracker.extents(
-                        name: bitmap, offset: offset, length: UInt64(length),
+                        name: bitmap, offset: offset, length: length,
                         maximumExtents: requestOne ? 1 : BlockStatusBuilder.maximumExtents)
                     for extent in extents where builder.wantsMore {
                         builder.append(length: extent.length, flags: extent.dirty ? NBDDirtyFlags.dirty : 0)
@@ -304,19 +316,19 @@ struct CommandExecutor {
 
     /// The export's `base:allocation`: the image's, the view's at its instant, or, for a
     /// view's `.changes` variant, the increment (dirty granules as data, clean as holes).
-    private func allocation(offset: UInt64, length: UInt32, requestOne: Bool) -> [AllocationExtent] {
+    private func allocation(offset: UInt64, length: UInt64, requestOne: Bool) -> [AllocationExtent] {
         let maximum = requestOne ? 2 : Self.maximumAllocationExtents
         switch export.content {
         case .live:
-            return export.image.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+            return export.image.allocationExtents(at: offset, length: length, maxExtents: maximum)
         case .view(let view, _, false):
-            return view.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+            return view.allocationExtents(at: offset, length: length, maxExtents: maximum)
         case .view(_, let increment, true):
             // An increment that vanished (completed meanwhile) reads as all data: safe.
             let extents =
                 (try? export.tracker.extents(
-                    name: increment, offset: offset, length: UInt64(length), maximumExtents: maximum))
-                ?? [DirtyExtent(offset: offset, length: UInt64(length), dirty: true)]
+                    name: increment, offset: offset, length: length, maximumExtents: maximum))
+                ?? [DirtyExtent(offset: offset, length: length, dirty: true)]
             return extents.map { AllocationExtent(length: $0.length, isHole: !$0.dirty) }
         }
     }

@@ -66,12 +66,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
-        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
+        offersExtendedHeaders: Bool = true, requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
         logger: Logger
     ) {
         self.serverMetrics = metrics
         self.connection = NBDServerConnection(
-            configuration: .init(offersStructuredReplies: offersStructuredReplies))
+            configuration: .init(
+                offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders))
         self.registry = registry
         self.pool = pool
         self.handshakeTimeout = handshakeTimeout
