@@ -17,7 +17,7 @@ public struct NBDRequest: Sendable {
     /// True when a WRITE payload was too large to keep and was read and thrown away.
     public var payloadDiscarded: Bool
     /// Why the request must be refused although the stream stayed in sync (extended
-    /// headers: a payload where none belongs, a WRITE without one); nil when well formed.
+    /// headers: a payload where none belongs, a length past 2^63 - 1); nil when well formed.
     public var defect: NBDRequestDefect?
 
     public init(
@@ -41,9 +41,6 @@ public struct NBDRequest: Sendable {
 /// A request the decoder framed correctly but that breaks an extended-header rule; the
 /// transmission machine refuses it with `NBD_EINVAL` and the connection goes on.
 public enum NBDRequestDefect: Sendable, Equatable, CustomStringConvertible {
-    /// `NBD_CMD_WRITE` without `NBD_CMD_FLAG_PAYLOAD_LEN`: the header length is then an
-    /// effect length and no data follows, which the spec forbids for writes.
-    case writeWithoutPayloadLength
     /// `NBD_CMD_FLAG_PAYLOAD_LEN` on a command that takes no payload (or whose payload form
     /// the server does not offer): the payload of this many bytes was read and dropped.
     case unexpectedPayload(UInt64)
@@ -52,8 +49,6 @@ public enum NBDRequestDefect: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .writeWithoutPayloadLength:
-            return "WRITE without NBD_CMD_FLAG_PAYLOAD_LEN under extended headers"
         case .unexpectedPayload(let length):
             return "a \(length)-byte payload (NBD_CMD_FLAG_PAYLOAD_LEN) on a command that takes none"
         case .lengthTooLarge(let length):

@@ -9,10 +9,13 @@ import NIOCore
 /// ends the connection: the stream cannot be trusted after that.
 ///
 /// With extended headers the header length is 64 bits and `NBD_CMD_FLAG_PAYLOAD_LEN` says
-/// whether it counts payload bytes (which then follow) or the command's effect. The spec's
-/// answers: a WRITE without the flag carries no data and is refused; a payload on a command
-/// that takes none is read and dropped, then refused; effect lengths past 2^63 - 1 are
-/// refused; all with `NBD_EINVAL` (as ``NBDRequest/defect``), and the connection goes on.
+/// whether it counts payload bytes (which then follow) or the command's effect. A payload
+/// on a command that takes none is read and dropped, then refused; effect lengths past
+/// 2^63 - 1 are refused; both with `NBD_EINVAL` (as ``NBDRequest/defect``), and the
+/// connection goes on. A WRITE's length is its payload's with or without the flag: the
+/// spec makes the flag mandatory there, but qemu 10's client leaves it out and sends the
+/// data all the same, and qemu's own server takes it (it only traces the lapse); refusing
+/// would break every qemu write, and reading no payload would lose the stream.
 public struct NBDRequestDecoder {
     /// What one decoding step produced.
     public enum Result {
@@ -46,12 +49,13 @@ public struct NBDRequestDecoder {
         }
     }
 
-    /// Payload bytes that follow a header: the WRITE length in compact framing, the length
-    /// of any command flagged `NBD_CMD_FLAG_PAYLOAD_LEN` in extended framing.
+    /// Payload bytes that follow a header: the WRITE length, and in extended framing also
+    /// the length of any other command flagged `NBD_CMD_FLAG_PAYLOAD_LEN`.
     private func payloadLength(type: UInt16, flags: UInt16, length: UInt64) -> UInt64 {
+        if type == NBDCommandType.write.rawValue { return length }
         switch framing {
         case .compact:
-            return type == NBDCommandType.write.rawValue ? length : 0
+            return 0
         case .extended:
             return flags & NBDCommandFlags.payloadLength.rawValue != 0 ? length : 0
         }
@@ -105,12 +109,8 @@ public struct NBDRequestDecoder {
             offset: header.offset, length: header.length)
         let isWrite = header.type == NBDCommandType.write.rawValue
         let payload = payloadLength(type: header.type, flags: header.flags, length: header.length)
-        if framing == .extended && payload == 0 {
-            if isWrite && !request.flags.contains(.payloadLength) {
-                request.defect = .writeWithoutPayloadLength
-            } else if header.length > NBDLimits.maximumEffectLength {
-                request.defect = .lengthTooLarge(header.length)
-            }
+        if framing == .extended && payload == 0 && header.length > NBDLimits.maximumEffectLength {
+            request.defect = .lengthTooLarge(header.length)
         }
         guard payload > 0 else {
             buffer.moveReaderIndex(forwardBy: headerSize)

@@ -189,8 +189,8 @@ public struct TransmissionStateMachine {
         case .blockStatus:
             return [.fua, .requestOne]
         case .write:
-            // Extended headers: WRITE carries NBD_CMD_FLAG_PAYLOAD_LEN (the decoder refused
-            // writes without it); on any other command the flag is refused here.
+            // Extended headers: WRITE carries NBD_CMD_FLAG_PAYLOAD_LEN (qemu 10 leaves it out,
+            // see NBDRequestDecoder); on any other command the flag is refused here.
             return session.framing == .extended ? [.fua, .payloadLength] : [.fua]
         case .disconnect, .flush, .trim, .cache:
             return [.fua]

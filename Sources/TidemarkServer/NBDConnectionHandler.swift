@@ -244,7 +244,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         logger[metadataKey: "export"] = "\(session.exportName)"
-        logger.debug("transmission started")
+        logger.debug(
+            "transmission started",
+            metadata: ["framing": session.framing == .extended ? "extended headers" : "compact headers"])
         context.triggerUserOutboundEvent(ConnectionExportChosen(exportName: session.exportName), promise: nil)
         executor = CommandExecutor(
             export: export, session: session, allocator: context.channel.allocator, pool: pool,

@@ -2,20 +2,45 @@ import Foundation
 import NBDClient
 import Testing
 
-/// One cell column of the QEMU matrix: a QEMU release as the client, and how the server runs.
+/// One column of the QEMU matrix: a QEMU release as the client, how the server runs, and
+/// the framing they must end up with.
 struct QemuMatrixClient: CustomStringConvertible, Sendable {
     let release: QemuRelease
     /// Extra `tidemark serve` arguments for this column.
     let serverArguments: [String]
+    /// True when the client must negotiate NBD extended headers.
+    let extendedHeaders: Bool
 
     var description: String {
-        serverArguments.isEmpty ? "\(release)" : "\(release) against serve \(serverArguments.joined(separator: " "))"
+        let framing = extendedHeaders ? "extended headers" : "compact headers"
+        return serverArguments.isEmpty
+            ? "\(release), \(framing)" : "\(release) against serve \(serverArguments.joined(separator: " ")), \(framing)"
     }
 
+    /// qemu 7.2 (no extended headers), qemu 10 (extended headers), and qemu 10 against a
+    /// server that refuses them (it falls back to compact headers).
     static let all: [QemuMatrixClient] = [
-        QemuMatrixClient(release: .qemu7, serverArguments: []),
-        QemuMatrixClient(release: .qemu10, serverArguments: []),
+        QemuMatrixClient(release: .qemu7, serverArguments: [], extendedHeaders: false),
+        QemuMatrixClient(release: .qemu10, serverArguments: [], extendedHeaders: true),
+        QemuMatrixClient(release: .qemu10, serverArguments: ["--no-extended-headers"], extendedHeaders: false),
     ]
+
+    /// The `tidemark serve` arguments: the column's, and debug logging, whose "transmission
+    /// started" lines name each connection's framing.
+    var serveArguments: [String] { serverArguments + ["--log-level", "debug"] }
+
+    /// Checks the server log: a QEMU connection got this column's framing, and with compact
+    /// framing expected, none got extended headers.
+    func expectFraming(_ server: TidemarkProcess, sourceLocation: SourceLocation = #_sourceLocation) {
+        let lines = server.serverLog.split(separator: "\n").filter { $0.contains("transmission started") }
+        let extended = lines.filter { $0.contains("framing=\"extended headers\"") }.count
+        let compact = lines.filter { $0.contains("framing=\"compact headers\"") }.count
+        if extendedHeaders {
+            #expect(extended > 0, "no connection negotiated extended headers:\n\(lines.joined(separator: "\n"))", sourceLocation: sourceLocation)
+        } else {
+            #expect(extended == 0 && compact > 0, "framing of the connections:\n\(lines.joined(separator: "\n"))", sourceLocation: sourceLocation)
+        }
+    }
 }
 
 /// The QEMU matrix: {qemu 7.2, qemu 10.0} × {qemu-io data commands, qemu-img info, map of
@@ -28,7 +53,7 @@ struct QemuMatrixTests {
     static func server(_ client: QemuMatrixClient, size: Int = ServerFixture.defaultSize, filled: Bool = false, extra: [String] = [])
         throws -> ServerFixture
     {
-        try ServerFixture(size: size, filled: filled, extraArguments: client.serverArguments + extra)
+        try ServerFixture(size: size, filled: filled, extraArguments: client.serveArguments + extra)
     }
 
     @Test("the matrix runs the QEMU releases it names", arguments: QemuRelease.allCases)
@@ -79,6 +104,7 @@ struct QemuMatrixTests {
         #expect(Array(after[Self.mib...]) == ImageFile.constant(0, count: 65536))
         // A pattern that does not match must be reported: the check above is not vacuous.
         #expect(throws: HarnessError.self) { try client.release.qemuIO(fixture.uri, ["read -P 0x77 0 4k"]) }
+        client.expectFraming(fixture.server)
     }
 
     @Test("qemu-img info reports the virtual size", arguments: QemuMatrixClient.all)
@@ -88,6 +114,7 @@ struct QemuMatrixTests {
         let json = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
         #expect(json?["virtual-size"] as? Int == 24 << 20, "\(result.stdout)")
         #expect(json?["format"] as? String == "raw", "\(result.stdout)")
+        client.expectFraming(fixture.server)
     }
 
     /// `qemu-img map --output=json` entries as (start, length, data, zero).
@@ -123,12 +150,13 @@ struct QemuMatrixTests {
         ]
         #expect(BitmapMaps.merged(runs) == expected, "\(result.stdout)")
         #expect(try BitmapMaps.merged(runs) == BitmapMaps.fileAllocation(fixture.image), "\(result.stdout)")
+        client.expectFraming(fixture.server)
     }
 
     @Test("qemu-img map with x-dirty-bitmap=qemu:dirty-bitmap:b0 shows exactly the dirty granules", arguments: QemuMatrixClient.all)
     func mapDirtyBitmap(client: QemuMatrixClient) throws {
         let fixture = try ServerFixture(
-            size: Int(BitmapInteropTests.size), extraArguments: client.serverArguments + ["--bitmap", "b0", "--bitmap", "fine:4096"])
+            size: Int(BitmapInteropTests.size), extraArguments: client.serveArguments + ["--bitmap", "b0", "--bitmap", "fine:4096"])
         let connection = try fixture.connect()
         try BitmapInteropTests.applyPattern(connection)
         try connection.shutdown()
@@ -144,6 +172,7 @@ struct QemuMatrixTests {
                 BitmapMaps.merged(extents) == BitmapMaps.bitmapMap(dirty: dirty, size: BitmapInteropTests.size),
                 "\(bitmap):\n\(result.stdout)")
         }
+        client.expectFraming(fixture.server)
     }
 
     @Test("qemu-img convert from the export into a file: same bytes, holes kept", arguments: QemuMatrixClient.all)
@@ -154,6 +183,7 @@ struct QemuMatrixTests {
         try client.release.check("qemu-img", ["convert", "-f", "raw", "-O", "raw", fixture.uri, copy])
         #expect(try ImageFile.read(copy) == ImageFile.read(fixture.image))
         #expect(try ImageFile.allocatedBytes(copy) <= ServerFixture.defaultSize - (2 << 20) + 65536)
+        client.expectFraming(fixture.server)
     }
 
     @Test("qemu-img convert -n from a file into the export: the image holds the file's bytes", arguments: QemuMatrixClient.all)
@@ -165,6 +195,7 @@ struct QemuMatrixTests {
         try ImageFile.write(source, bytes: bytes)
         try client.release.check("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", source, fixture.uri])
         #expect(try ImageFile.read(fixture.image) == bytes)
+        client.expectFraming(fixture.server)
     }
 
     @Test("qemu-img compare: identical says so, one changed byte is found at its offset", arguments: QemuMatrixClient.all)
@@ -183,5 +214,6 @@ struct QemuMatrixTests {
         // qemu-img names the first differing sector's offset.
         let sector = changed / 512 * 512
         #expect(differ.stdout.contains("Content mismatch at offset \(sector)!"), "\(differ)")
+        client.expectFraming(fixture.server)
     }
 }

@@ -112,14 +112,16 @@ struct ExtendedRequestDecoderTests {
         #expect(try #require(decoder.decode(&buffer).request).payload?.readableBytes == 100)
     }
 
-    @Test("WRITE without PAYLOAD_LEN carries no data and is marked for EINVAL; the stream stays in sync")
+    @Test("WRITE without PAYLOAD_LEN (as qemu 10's client sends it): the data follows all the same and is taken")
     func writeWithoutPayloadLength() throws {
         var decoder = NBDRequestDecoder(framing: .extended)
         let next = ExtendedWire.request(type: Wire.cmdFlush, cookie: 2)
-        var buffer = ByteBuffer(bytes: ExtendedWire.request(type: Wire.cmdWrite, cookie: 1, length: 4096) + next)
+        let data = [UInt8](repeating: 0xAA, count: 4096)
+        var buffer = ByteBuffer(bytes: ExtendedWire.request(type: Wire.cmdWrite, cookie: 1, length: 4096, payload: data) + next)
+        #expect(decoder.bytesNeeded(in: buffer) == 32 + 4096)
         let request = try #require(decoder.decode(&buffer).request)
-        #expect(request.defect == .writeWithoutPayloadLength)
-        #expect(request.payload == nil)
+        #expect(request.defect == nil)
+        #expect(request.payload?.readableBytesView.elementsEqual(data) == true)
         #expect(buffer.bytes == next)
     }
 
@@ -483,6 +485,15 @@ struct ExtendedTransmissionTests {
         else { Issue.record("READ of 64 MiB not refused"); return }
     }
 
+    @Test("a WRITE without PAYLOAD_LEN executes too (qemu 10's client form)")
+    func writeWithoutFlag() {
+        var driver = Self.inTransmission()
+        let actions = driver.feed(
+            ExtendedWire.request(type: Wire.cmdWrite, cookie: 1, offset: 4096, length: 512, payload: [UInt8](repeating: 1, count: 512)))
+        guard case .execute(1, .write(4096, let payload, false), 512) = actions[0] else { Issue.record("\(actions[0])"); return }
+        #expect(payload.readableBytes == 512)
+    }
+
     @Test("a WRITE with PAYLOAD_LEN executes; FUA and PAYLOAD_LEN together are fine")
     func write() {
         var driver = Self.inTransmission()
@@ -511,7 +522,6 @@ struct ExtendedTransmissionTests {
     @Test(
         "each defect is an EINVAL error chunk echoing cookie and offset, and the next request is served",
         arguments: [
-            ExtendedWire.request(type: Wire.cmdWrite, cookie: 5, offset: 8192, length: 512),
             ExtendedWire.request(
                 type: Wire.cmdRead, flags: ExtendedWire.flagPayloadLength, cookie: 5, offset: 8192, length: 4,
                 payload: [1, 2, 3, 4]),

@@ -59,8 +59,10 @@ enum QemuRelease: String, CaseIterable, CustomStringConvertible, Sendable {
     /// Runs qemu-io on `target` with `commands`; fails on a non-zero exit or a pattern mismatch
     /// (qemu-io reports `read -P` mismatches on its output, not always in its exit status).
     @discardableResult
-    func qemuIO(_ target: String, _ commands: [String], format: String = "raw", imageOptions: Bool = false) throws -> ToolResult {
-        let formatArguments = imageOptions ? ["--image-opts"] : ["-f", format]
+    func qemuIO(
+        _ target: String, _ commands: [String], format: String = "raw", imageOptions: Bool = false, readOnly: Bool = false
+    ) throws -> ToolResult {
+        let formatArguments = (imageOptions ? ["--image-opts"] : ["-f", format]) + (readOnly ? ["-r"] : [])
         let result = try run("qemu-io", formatArguments + commands.flatMap { ["-c", $0] } + [target], timeout: 300)
         if !result.succeeded || result.stdout.contains("verification failed") || result.stderr.contains("verification failed") {
             throw HarnessError("qemu-io (\(self)) failed:\n\(result)")
