@@ -3,6 +3,10 @@ import NBDClient
 import QMPWire
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// NBD extended headers against the real server: a 6 TiB image driven by qemu 10 with
 /// single requests past 4 GiB, the views and checkpoint flow with a qemu 10 client, and
 /// hostile extended requests from a raw client, each answered as the spec says while the
@@ -138,6 +142,34 @@ struct ExtendedHeadersInteropTests {
         let gone = try Self.qemu10.run("qemu-img", ["info", viewURI])
         #expect(!gone.succeeded, "the view is gone after checkpoint-complete")
         QemuMatrixClient(release: .qemu10, serverArguments: [], extendedHeaders: true).expectFraming(fixture.server)
+    }
+
+    // MARK: - Socket activation
+
+    @Test("socket activation (systemd-socket-activate): qemu 10 writes and maps a bitmap with extended headers")
+    func socketActivation() throws {
+        let directory = try TestDirectory()
+        let image = directory.file("disk.img")
+        try ImageFile.createSparse(image, size: 16 << 20)
+        let activator = try SpawnedProgram(
+            try ExternalTool.locate("systemd-socket-activate"),
+            ["-l", directory.socketPath, TidemarkProcess.binaryPath, "serve", image, "--bitmap", "b0", "--log-level", "debug"])
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: directory.socketPath) && Date() < deadline { usleep(10_000) }
+        // The first connection starts the server on the inherited socket.
+        let uri = "nbd+unix:///disk?socket=\(directory.socketPath)"
+        try Self.qemu10.qemuIO(uri, ["write -P 0x5a 1M 64k", "write -z 4M 128k", "read -P 0x5a 1M 64k"])
+        let map = try Self.qemu10.check("qemu-img", [
+            "map", "--output=json", "--image-opts",
+            "driver=nbd,server.type=unix,server.path=\(directory.socketPath),export=disk,x-dirty-bitmap=qemu:dirty-bitmap:b0",
+        ])
+        let extents = try QemuMatrixTests.mapEntries(map.stdout).map { BitmapExtent($0.start, $0.length, $0.data ? 0 : 1) }
+        #expect(BitmapMaps.merged(extents) == BitmapMaps.bitmapMap(dirty: [(1 << 20, 64 << 10), (4 << 20, 128 << 10)], size: 16 << 20))
+        kill(activator.pid, SIGTERM)
+        let result = try activator.wait(timeout: 30)
+        #expect(result.status == 0, "\(result)")
+        let started = result.stderr.split(separator: "\n").filter { $0.contains("transmission started") }
+        #expect(started.count == 2 && started.allSatisfy { $0.contains("framing=\"extended headers\"") }, "\(result.stderr)")
     }
 
     // MARK: - Hostile extended requests
