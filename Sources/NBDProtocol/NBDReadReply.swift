@@ -24,6 +24,7 @@ public struct NBDReadReply: Sendable {
 
     /// Bytes the reply takes at most when the range is cut into `runs` runs, so the
     /// caller sizes its buffer in one allocation.
+    @inlinable
     public func capacity(runs: Int) -> Int {
         Int(length) + NBDReplyEncoder.offsetDataHeaderSize(framing) * (runs + 1)
     }
@@ -37,6 +38,8 @@ public struct NBDReadReply: Sendable {
     ///     returns true, or returns false (having appended nothing) to stop.
     /// - Returns: false when `appendData` stopped; the buffer then holds a partial reply
     ///   the caller must cut off (``NBDReadReply`` writes no error on its behalf).
+    /// Inlinable so the caller's closure and run type are specialized into the READ path.
+    @inlinable
     public func write<Runs: Collection>(
         runs: Runs?, into buffer: inout ByteBuffer,
         appendData: (_ buffer: inout ByteBuffer, _ count: Int, _ position: UInt64) -> Bool

@@ -205,7 +205,7 @@ struct StreamChecker {
     mutating func run(_ stream: [UInt8], pieces: [Int], completeEvery: Int) {
         // The model parses requests in compact framing, so extended headers stay off here
         // (option 11 is refused as before); ExtendedHeadersTests covers the extended framing.
-        var connection = NBDServerConnection(configuration: .init(offersExtendedHeaders: false))
+        let connection = NBDServerConnection(configuration: .init(offersExtendedHeaders: false))
         input.clear()
         var fed = 0
         var consumed = 0
