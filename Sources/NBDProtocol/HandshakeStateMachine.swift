@@ -24,6 +24,9 @@ public enum HandshakeFailure: Error, Equatable, CustomStringConvertible {
     case optionNotAllowedWithoutFixedNewstyle(UInt32)
     case unknownExport(String)
     case invalidExportName
+    /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated, which the spec forbids
+    /// (its reply could not say the framing changed); qemu's server drops such clients too.
+    case exportNameAfterExtendedHeaders
 
     public var description: String {
         switch self {
@@ -35,6 +38,7 @@ public enum HandshakeFailure: Error, Equatable, CustomStringConvertible {
             return "\(NBDNames.option(option)) from a client that did not negotiate fixed newstyle"
         case .unknownExport(let name): return "NBD_OPT_EXPORT_NAME asked for unknown export '\(name)'"
         case .invalidExportName: return "NBD_OPT_EXPORT_NAME with an invalid name"
+        case .exportNameAfterExtendedHeaders: return "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS"
         }
     }
 }
@@ -54,10 +58,14 @@ public struct HandshakeStateMachine {
     private var state: State = .awaitingClientFlags
     private var clientFlags: NBDClientFlags = []
     private var structuredReplies = false
+    /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged: 32-byte headers in transmission. It
+    /// implies structured replies and takes precedence over them.
+    private var extendedHeaders = false
     private var selectedContexts: [NBDSelectedContext] = []
     private var contextsExport: String?
     private var optionCount = 0
     private let offersStructuredReplies: Bool
+    private let offersExtendedHeaders: Bool
     private var pendingRefusal: HandshakeRefusal?
 
     /// `offersStructuredReplies: false` answers `NBD_OPT_STRUCTURED_REPLY` with
@@ -65,8 +73,14 @@ public struct HandshakeStateMachine {
     /// replies, which is how an old server behaves and how to test a client against one.
     /// Metadata contexts (block status, dirty bitmaps) need structured replies and are
     /// then refused.
-    public init(offersStructuredReplies: Bool = true) {
+    ///
+    /// `offersExtendedHeaders: false` answers `NBD_OPT_EXTENDED_HEADERS` with
+    /// `NBD_REP_ERR_UNSUP`, as a server without them: qemu ≥ 8.2 and libnbd ≥ 1.18 then
+    /// fall back to compact headers. Without structured replies there are no extended
+    /// headers either (they imply them).
+    public init(offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true) {
         self.offersStructuredReplies = offersStructuredReplies
+        self.offersExtendedHeaders = offersExtendedHeaders && offersStructuredReplies
     }
 
     /// The flags the greeting advertises.
@@ -162,6 +176,10 @@ public struct HandshakeStateMachine {
                 OptionReplyWriter.error(
                     option, NBDOptionReply.errorUnsupported, "structured replies are turned off on this server",
                     into: &output)
+            } else if extendedHeaders {
+                OptionReplyWriter.error(
+                    option, NBDOptionReply.errorExtendedHeaderRequired,
+                    "extended headers are already negotiated and take precedence", into: &output)
             } else if structuredReplies {
                 OptionReplyWriter.error(
                     option, NBDOptionReply.errorInvalid, "structured replies already negotiated", into: &output)
@@ -171,10 +189,31 @@ public struct HandshakeStateMachine {
             }
         case NBDOption.listMetaContext, NBDOption.setMetaContext:
             handleMetaContext(option, &data, catalog: catalog, output: &output)
+        case NBDOption.extendedHeaders:
+            handleExtendedHeaders(data, output: &output)
         default:
             OptionReplyWriter.error(option, NBDOptionReply.errorUnsupported, "\(NBDNames.option(option)) is not supported", into: &output)
         }
         return .continueNegotiating
+    }
+
+    // MARK: - EXTENDED_HEADERS
+
+    private mutating func handleExtendedHeaders(_ data: ByteBuffer, output: inout ByteBuffer) {
+        let option = NBDOption.extendedHeaders
+        if !offersExtendedHeaders {
+            // As a server that does not know the option: unsupported, whatever it carries.
+            OptionReplyWriter.error(
+                option, NBDOptionReply.errorUnsupported, "extended headers are turned off on this server", into: &output)
+        } else if data.readableBytes > 0 {
+            OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "extended headers take no data", into: &output)
+        } else if extendedHeaders {
+            // As qemu's server: a repeat is invalid; the headers stay negotiated.
+            OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "extended headers already negotiated", into: &output)
+        } else {
+            extendedHeaders = true
+            OptionReplyWriter.ack(option, into: &output)
+        }
     }
 
     // MARK: - EXPORT_NAME
@@ -183,6 +222,7 @@ public struct HandshakeStateMachine {
         _ data: ByteBuffer, catalog: some NBDExportCatalog, output: inout ByteBuffer
     ) -> HandshakeAction {
         state = .finished
+        guard !extendedHeaders else { return .close(.exportNameAfterExtendedHeaders) }
         guard let name = Self.decodeString(data, length: data.readableBytes) else {
             return .close(.invalidExportName)
         }
@@ -287,11 +327,12 @@ public struct HandshakeStateMachine {
         NBDSession(
             exportName: summary.name,
             size: summary.size,
-            transmissionFlags: summary.transmissionFlags(structuredReplies: structuredReplies),
-            structuredReplies: structuredReplies,
+            transmissionFlags: summary.transmissionFlags(structuredReplies: structuredReplies || extendedHeaders),
+            structuredReplies: structuredReplies || extendedHeaders,
             metaContexts: contextsExport == summary.name ? selectedContexts : [],
             minimumBlockSize: summary.minimumBlockSize,
-            enforcesBlockSize: enforcesBlockSize
+            enforcesBlockSize: enforcesBlockSize,
+            framing: extendedHeaders ? .extended : .compact
         )
     }
 
@@ -310,9 +351,10 @@ public struct HandshakeStateMachine {
             OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "malformed meta context request", into: &output)
             return
         }
-        if isSet && !structuredReplies {
+        if isSet && !structuredReplies && !extendedHeaders {
             OptionReplyWriter.error(
-                option, NBDOptionReply.errorInvalid, "structured replies must be negotiated first", into: &output)
+                option, NBDOptionReply.errorInvalid, "structured replies or extended headers must be negotiated first",
+                into: &output)
             return
         }
         guard parsed.queries.count <= MetaContextRequest.maximumQueries else {

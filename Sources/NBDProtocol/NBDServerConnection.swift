@@ -22,13 +22,19 @@ public final class NBDServerConnection {
     public struct Configuration: Sendable {
         /// False answers `NBD_OPT_STRUCTURED_REPLY` with an error, as an old server would.
         public var offersStructuredReplies: Bool
+        /// False answers `NBD_OPT_EXTENDED_HEADERS` with an error, as a server without them.
+        public var offersExtendedHeaders: Bool
         /// Requests in flight at which reading pauses.
         public var maximumInFlight: Int
         /// READ and WRITE bytes in flight at which reading pauses.
         public var maximumBytesInFlight: UInt64
 
-        public init(offersStructuredReplies: Bool = true, maximumInFlight: Int = 128, maximumBytesInFlight: UInt64 = 32 << 20) {
+        public init(
+            offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true, maximumInFlight: Int = 128,
+            maximumBytesInFlight: UInt64 = 32 << 20
+        ) {
             self.offersStructuredReplies = offersStructuredReplies
+            self.offersExtendedHeaders = offersExtendedHeaders
             self.maximumInFlight = maximumInFlight
             self.maximumBytesInFlight = maximumBytesInFlight
         }
@@ -62,7 +68,9 @@ public final class NBDServerConnection {
 
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
-        self.handshake = HandshakeStateMachine(offersStructuredReplies: configuration.offersStructuredReplies)
+        self.handshake = HandshakeStateMachine(
+            offersStructuredReplies: configuration.offersStructuredReplies,
+            offersExtendedHeaders: configuration.offersExtendedHeaders)
     }
 
     // MARK: - State
@@ -138,6 +146,7 @@ public final class NBDServerConnection {
             return .close(.handshakeFailed(failure))
         case .enterTransmission(let session):
             phase = .transmission
+            decoder = NBDRequestDecoder(framing: session.framing)
             transmission = TransmissionStateMachine(
                 session: session, maximumInFlight: configuration.maximumInFlight,
                 maximumBytesInFlight: configuration.maximumBytesInFlight)
@@ -161,7 +170,8 @@ public final class NBDServerConnection {
             case .reject(let cookie, let command, let error, let message):
                 NBDReplyEncoder.writeError(
                     cookie: cookie, command: command, error: error, message: message,
-                    structured: transmission?.session.structuredReplies ?? false, into: &output)
+                    structured: transmission?.session.structuredReplies ?? false,
+                    framing: transmission?.session.framing ?? .compact, requestOffset: request.offset, into: &output)
                 return .refused(cookie: cookie, command: command, error: error, message: message)
             case .disconnect:
                 if inFlight == 0 {

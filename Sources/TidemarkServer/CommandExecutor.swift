@@ -59,10 +59,13 @@ struct CommandExecutor {
         case .trim(let offset, let length, let fua):
             return modify(.trim(length: length, fua: fua), at: offset, cookie: cookie, command: .trim, outbox: &outbox)
         case .cache(let offset, let length):
-            export.image.prefetch(at: offset, length: UInt64(length))
-            NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
+            export.image.prefetch(at: offset, length: length)
+            NBDReplyEncoder.writeStatusReply(
+                cookie: cookie, error: 0, framing: session.framing, requestOffset: offset, into: &outbox)
             return .written
         case .writeZeroes(let offset, let length, let noHole, let fastZero, let fua):
+            // One change whatever the length (a whole multi-TiB disk under extended headers):
+            // the image zeroes with fallocate, or in bounded 1 MiB buffers without it.
             return modify(
                 .writeZeroes(length: length, mayPunchHole: !noHole, fastOnly: fastZero, fua: fua), at: offset,
                 cookie: cookie, command: .writeZeroes, outbox: &outbox)
@@ -81,10 +84,12 @@ struct CommandExecutor {
         outbox: inout ByteBuffer
     ) -> CommandResult {
         let reply = StatusReply(
-            cookie: cookie, command: command, structured: session.structuredReplies, allocator: allocator)
+            cookie: cookie, command: command, structured: session.structuredReplies, framing: session.framing,
+            requestOffset: offset, allocator: allocator)
         switch export.writes.modify(change, at: offset, pool: pool, on: eventLoop, reply: reply) {
         case .landed:
-            NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &outbox)
+            NBDReplyEncoder.writeStatusReply(
+                cookie: cookie, error: 0, framing: session.framing, requestOffset: offset, into: &outbox)
             return .written
         case .pending(let future):
             return .pending(future)
@@ -92,20 +97,25 @@ struct CommandExecutor {
     }
 
     /// The reply to a command that returns only a status (write, trim, write-zeroes,
-    /// flush), built where the command finished.
+    /// flush), built where the command finished: a simple reply with compact headers, a
+    /// NONE or ERROR chunk echoing the request offset with extended ones.
     struct StatusReply: ModificationReply {
         let cookie: UInt64
         let command: NBDCommandType
         let structured: Bool
+        let framing: NBDFraming
+        let requestOffset: UInt64
         let allocator: ByteBufferAllocator
 
         func encode(_ error: StorageError?) -> ByteBuffer {
             if let error {
                 return CommandExecutor.errorReply(
-                    error, cookie: cookie, command: command, structured: structured, allocator: allocator)
+                    error, cookie: cookie, command: command, structured: structured, framing: framing,
+                    requestOffset: requestOffset, allocator: allocator)
             }
-            var buffer = allocator.buffer(capacity: NBDReplyEncoder.simpleHeaderSize)
-            NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
+            var buffer = allocator.buffer(capacity: NBDReplyEncoder.statusReplySize(framing))
+            NBDReplyEncoder.writeStatusReply(
+                cookie: cookie, error: 0, framing: framing, requestOffset: requestOffset, into: &buffer)
             return buffer
         }
     }
@@ -113,13 +123,14 @@ struct CommandExecutor {
     // MARK: - Replies
 
     static func errorReply(
-        _ error: StorageError, cookie: UInt64, command: NBDCommandType, structured: Bool,
-        allocator: ByteBufferAllocator
+        _ error: StorageError, cookie: UInt64, command: NBDCommandType, structured: Bool, framing: NBDFraming,
+        requestOffset: UInt64, allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var buffer = allocator.buffer(capacity: 64)
         NBDReplyEncoder.writeError(
             cookie: cookie, command: command.rawValue, error: NBDError(storageError: error, command: command),
-            message: error.description, structured: structured, into: &buffer)
+            message: error.description, structured: structured, framing: framing, requestOffset: requestOffset,
+            into: &buffer)
         return buffer
     }
 
@@ -128,8 +139,10 @@ struct CommandExecutor {
         cookie: UInt64, command: NBDCommandType, _ work: @escaping @Sendable (RawImage) throws(StorageError) -> Void
     ) -> CommandResult {
         let image = export.image
+        // FLUSH's offset is 0 (anything else was refused), which an extended reply echoes.
         let reply = StatusReply(
-            cookie: cookie, command: command, structured: session.structuredReplies, allocator: allocator)
+            cookie: cookie, command: command, structured: session.structuredReplies, framing: session.framing,
+            requestOffset: 0, allocator: allocator)
         return .pending(pool.runIfActive(eventLoop: eventLoop) { () -> ByteBuffer in
             do throws(StorageError) {
                 try work(image)
@@ -162,6 +175,7 @@ struct CommandExecutor {
     ) -> CommandResult {
         let plan = ReadPlan(
             cookie: cookie, offset: offset, length: length, structured: session.structuredReplies,
+            framing: session.framing,
             holes: session.structuredReplies && !dontFragment && length >= Self.sparseReadThreshold
                 ? image.allocationExtents(at: offset, length: UInt64(length), maxExtents: Self.maximumAllocationExtents)
                 : nil)
@@ -184,17 +198,18 @@ struct CommandExecutor {
     /// One chunk per selected context, in the order SET_META_CONTEXT returned them; each
     /// context's kind was resolved then, so nothing here parses a name.
     private func blockStatus(
-        cookie: UInt64, offset: UInt64, length: UInt32, requestOne: Bool, into buffer: inout ByteBuffer
+        cookie: UInt64, offset: UInt64, length: UInt64, requestOne: Bool, into buffer: inout ByteBuffer
     ) {
         let contexts = session.metaContexts
         for (index, context) in contexts.enumerated() {
-            var builder = BlockStatusBuilder(contextID: context.id, offset: offset, length: length, requestOne: requestOne)
+            var builder = BlockStatusBuilder(
+                contextID: context.id, offset: offset, length: length, requestOne: requestOne, framing: session.framing)
             let done = index == contexts.count - 1
             switch context.kind {
             case .dirtyBitmap(let bitmap):
                 do throws(BitmapError) {
                     let extents = try export.tracker.extents(
-                        name: bitmap, offset: offset, length: UInt64(length),
+                        name: bitmap, offset: offset, length: length,
                         maximumExtents: requestOne ? 1 : BlockStatusBuilder.maximumExtents)
                     for extent in extents where builder.wantsMore {
                         builder.append(length: extent.length, flags: extent.dirty ? NBDDirtyFlags.dirty : 0)
@@ -222,23 +237,23 @@ struct CommandExecutor {
 
     /// The export's `base:allocation`: the image's, the view's at its instant, or, for a
     /// view's `.changes` variant, the increment (dirty granules as data, clean as holes).
-    private func allocation(offset: UInt64, length: UInt32, requestOne: Bool) -> [AllocationExtent] {
+    private func allocation(offset: UInt64, length: UInt64, requestOne: Bool) -> [AllocationExtent] {
         let maximum = requestOne ? 2 : Self.maximumAllocationExtents
         switch export.content {
         case .live:
-            return export.image.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+            return export.image.allocationExtents(at: offset, length: length, maxExtents: maximum)
         case .view(let view, _, false):
-            return view.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+            return view.allocationExtents(at: offset, length: length, maxExtents: maximum)
         case .chain(_, let overlay?):
-            return overlay.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+            return overlay.allocationExtents(at: offset, length: length, maxExtents: maximum)
         case .chain(let chain, nil):
-            return chain.allocationExtents(at: offset, length: UInt64(length), maxExtents: maximum)
+            return chain.allocationExtents(at: offset, length: length, maxExtents: maximum)
         case .view(_, let increment, true):
             // An increment that vanished (completed meanwhile) reads as all data: safe.
             let extents =
                 (try? export.tracker.extents(
-                    name: increment, offset: offset, length: UInt64(length), maximumExtents: maximum))
-                ?? [DirtyExtent(offset: offset, length: UInt64(length), dirty: true)]
+                    name: increment, offset: offset, length: length, maximumExtents: maximum))
+                ?? [DirtyExtent(offset: offset, length: length, dirty: true)]
             return extents.map { AllocationExtent(length: $0.length, isHole: !$0.dirty) }
         }
     }

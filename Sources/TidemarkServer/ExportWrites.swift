@@ -77,13 +77,14 @@ final class ExportWrites: Sendable {
     /// asks for.
     enum Change: Sendable {
         case write(ByteBuffer, fua: Bool)
-        case writeZeroes(length: UInt32, mayPunchHole: Bool, fastOnly: Bool, fua: Bool)
-        case trim(length: UInt32, fua: Bool)
+        /// 64-bit lengths: with extended headers one request may cover a whole disk.
+        case writeZeroes(length: UInt64, mayPunchHole: Bool, fastOnly: Bool, fua: Bool)
+        case trim(length: UInt64, fua: Bool)
 
         var length: UInt64 {
             switch self {
             case .write(let payload, _): return UInt64(payload.readableBytes)
-            case .writeZeroes(let length, _, _, _), .trim(let length, _): return UInt64(length)
+            case .writeZeroes(let length, _, _, _), .trim(let length, _): return length
             }
         }
     }
@@ -193,11 +194,11 @@ final class ExportWrites: Sendable {
                 image.startWriteback(at: offset, length: change.length)
             }
         case .writeZeroes(let length, let mayPunchHole, let fastOnly, let fua):
-            try image.writeZeroes(at: offset, length: UInt64(length), allowHole: mayPunchHole, fastOnly: fastOnly)
+            try image.writeZeroes(at: offset, length: length, allowHole: mayPunchHole, fastOnly: fastOnly)
             if fua { try image.flush() }
         case .trim(let length, let fua):
             do throws(StorageError) {
-                try image.discard(at: offset, length: UInt64(length))
+                try image.discard(at: offset, length: length)
             } catch .notSupported {
                 // TRIM is advisory: a file system that cannot punch holes keeps the data.
             }

@@ -74,12 +74,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
-        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
+        offersExtendedHeaders: Bool = true, requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
         logger: Logger
     ) {
         self.serverMetrics = metrics
         self.connection = NBDServerConnection(
-            configuration: .init(offersStructuredReplies: offersStructuredReplies))
+            configuration: .init(
+                offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders))
         self.registry = registry
         self.pool = pool
         self.handshakeTimeout = handshakeTimeout
@@ -249,7 +250,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         logger[metadataKey: "export"] = "\(session.exportName)"
-        logger.debug("transmission started")
+        logger.debug(
+            "transmission started",
+            metadata: ["framing": session.framing == .extended ? "extended headers" : "compact headers"])
         context.triggerUserOutboundEvent(ConnectionExportChosen(exportName: session.exportName), promise: nil)
         attachment = Attachment(CommandExecutor(
             export: export, session: session, allocator: context.channel.allocator, pool: pool,

@@ -149,6 +149,7 @@ public final class NBDServer: Sendable {
         let logger = self.logger
         let timeout = configuration.handshakeTimeout
         let offersStructuredReplies = configuration.offersStructuredReplies
+        let offersExtendedHeaders = configuration.offersExtendedHeaders
         let requestTimeout = configuration.requestTimeout
         let budget = payloadBudget
         let waterMark = Self.writeBufferWaterMark
@@ -179,7 +180,8 @@ public final class NBDServer: Sendable {
                     try channel.pipeline.syncOperations.addHandler(
                         NBDConnectionHandler(
                             registry: registry, pool: pool, handshakeTimeout: timeout,
-                            offersStructuredReplies: offersStructuredReplies, requestTimeout: requestTimeout,
+                            offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders,
+                            requestTimeout: requestTimeout,
                             budget: budget, outputLimit: waterMark.high, metrics: metrics, logger: logger))
                 }
             }
