@@ -259,6 +259,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     close(context: context)
                 case .enterTransmission(let session):
                     enterTransmission(session, context: context)
+                case .startTLS:
+                    // This handler never configures a TLS policy, so the machine cannot ask.
+                    close(context: context)
                 }
             case .transmission(let transmission):
                 guard !transmission.machine.shouldPauseReading, !outputIsFull(context: context) else { return }

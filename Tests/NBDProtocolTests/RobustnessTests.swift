@@ -287,6 +287,8 @@ struct StreamChecker {
                         checkSession(session, option: option, output: output.bytes, clientFlags: clientFlags)
                         transmissions += 1
                         phase = .transmission(session, NBDRequestDecoder(), TransmissionStateMachine(session: session))
+                    case .startTLS:
+                        return fail("STARTTLS accepted by a machine without a TLS policy")
                     }
                 case .transmission(let session, var decoder, var machine):
                     if machine.shouldPauseReading {
@@ -376,6 +378,8 @@ struct StreamChecker {
             }
         case .invalidExportName:
             if header?.1 != Wire.optExportName { fail("invalidExportName out of place") }
+        case .exportNameBeforeTLS:
+            fail("exportNameBeforeTLS from a machine without a TLS policy")
         }
     }
 
