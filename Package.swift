@@ -76,7 +76,7 @@ let package = Package(
         .target(
             name: "TidemarkServer",
             dependencies: [
-                "NBDProtocol", "BlockStorage", "DirtyTracking", "CLinuxIO", "TidemarkTLS",
+                "NBDProtocol", "BlockStorage", "DirtyTracking", "TidemarkTLS",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -134,6 +134,10 @@ let package = Package(
                 "DirtyTracking", "CLinuxIO", "TidemarkTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: strictSettings,
             linkerSettings: releaseStaticStdlib
@@ -154,6 +158,19 @@ let package = Package(
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: ["TestSupport", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strictSettings
+        ),
+        // The real connection handler pumped in memory (NIOAsyncTestingChannel): framing
+        // across reads, back-pressure, quiesce, the handshake deadline; no sockets, no sleeps.
+        .testTarget(
+            name: "TidemarkServerTests",
+            dependencies: [
+                "TidemarkServer", "NBDProtocol", "BlockStorage",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -144,9 +144,13 @@ func drive(_ pieces: [[UInt8]], stream: [UInt8], config: UInt8, limits: UInt8, s
                 let disposition = machine.received(request)
                 checkDisposition(disposition, request, session)
                 events.append("\(request.type) \(request.cookie) \(disposition)")
-                if case .disconnect = disposition {
+                switch disposition {
+                case .disconnect:
                     if inFlight.isEmpty { require(machine.canCloseNow, "cannot close with nothing in flight") }
-                } else {
+                case .reject:
+                    // Answered as decoded: never in flight.
+                    require(machine.inFlight == inFlight.count, "a refused request was counted in flight")
+                case .execute:
                     inFlight.append(TransmissionStateMachine.cost(of: disposition))
                 }
                 completionRoll = completionRoll &* 6364136223846793005 &+ 1442695040888963407

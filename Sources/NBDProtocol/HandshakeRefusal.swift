@@ -19,7 +19,7 @@ public enum HandshakeRefusal: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .unknownExport(let name, let option):
-            return "\(option == NBDOption.info ? "NBD_OPT_INFO" : "NBD_OPT_GO") asked for unknown export '\(name)'"
+            return "\(NBDNames.option(option)) asked for unknown export '\(name)'"
         case .tlsNotConfigured:
             return "client asked for TLS (NBD_OPT_STARTTLS), which is not configured"
         case .tlsRequired(let option):

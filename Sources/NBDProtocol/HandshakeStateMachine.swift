@@ -41,7 +41,7 @@ public enum HandshakeFailure: Error, Equatable, CustomStringConvertible {
         case .optionTooLong(let length): return "option of \(length) bytes exceeds the limit"
         case .tooManyOptions: return "too many options without choosing an export"
         case .optionNotAllowedWithoutFixedNewstyle(let option):
-            return "option \(option) from a client that did not negotiate fixed newstyle"
+            return "\(NBDNames.option(option)) from a client that did not negotiate fixed newstyle"
         case .unknownExport(let name): return "NBD_OPT_EXPORT_NAME asked for unknown export '\(name)'"
         case .invalidExportName: return "NBD_OPT_EXPORT_NAME with an invalid name"
         case .exportNameBeforeTLS: return "NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS"
@@ -228,7 +228,7 @@ public struct HandshakeStateMachine {
         case NBDOption.listMetaContext, NBDOption.setMetaContext:
             handleMetaContext(option, &data, catalog: catalog, output: &output)
         default:
-            OptionReplyWriter.error(option, NBDOptionReply.errorUnsupported, "option \(option) is not supported", into: &output)
+            OptionReplyWriter.error(option, NBDOptionReply.errorUnsupported, "\(NBDNames.option(option)) is not supported", into: &output)
         }
         return .continueNegotiating
     }

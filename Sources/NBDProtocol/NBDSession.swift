@@ -4,10 +4,13 @@ public struct NBDSelectedContext: Sendable, Equatable {
     public var id: UInt32
     /// The context's full name, e.g. `base:allocation`.
     public var name: String
+    /// What the context reports, resolved from `name` at selection.
+    public var kind: NBDMetaContextKind
 
     public init(id: UInt32, name: String) {
         self.id = id
         self.name = name
+        self.kind = NBDMetaContextKind(contextName: name)
     }
 }
 

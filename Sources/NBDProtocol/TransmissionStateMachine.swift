@@ -4,7 +4,8 @@ import NIOCore
 public enum RequestDisposition: Sendable {
     /// Run the command and reply with the request's cookie.
     case execute(cookie: UInt64, command: NBDCommand)
-    /// Reply with this error; the connection goes on.
+    /// Reply with this error at once; the connection goes on. Not counted in flight: the
+    /// reply is written as the request is decoded.
     case reject(cookie: UInt64, command: UInt16, error: NBDError, message: String)
     /// `NBD_CMD_DISC`: stop reading, finish what is in flight, then close.
     case disconnect
@@ -52,13 +53,15 @@ public struct TransmissionStateMachine {
     /// True while the handler should not read more requests.
     public var shouldPauseReading: Bool { readingPaused || isDisconnecting }
 
-    /// Validates a request and, when it is to be executed or refused, counts it in flight.
+    /// Validates a request and, when it is to be executed, counts it in flight.
     public mutating func received(_ request: NBDRequest) -> RequestDisposition {
         let disposition = validate(request)
         switch disposition {
         case .disconnect:
             isDisconnecting = true
-        case .execute, .reject:
+        case .reject:
+            break
+        case .execute:
             inFlight += 1
             bytesInFlight += Self.cost(of: disposition)
             if inFlight >= maximumInFlight || bytesInFlight >= maximumBytesInFlight { readingPaused = true }
@@ -93,7 +96,7 @@ public struct TransmissionStateMachine {
             .reject(cookie: cookie, command: request.type, error: error, message: message)
         }
         guard let type = NBDCommandType(rawValue: request.type) else {
-            return reject(.invalid, "unknown command \(request.type)")
+            return reject(.invalid, "unknown \(NBDNames.command(request.type))")
         }
         // DISC never gets a reply, whatever its flags, offset or length (as qemu does).
         if type == .disconnect { return .disconnect }

@@ -157,22 +157,9 @@ struct CommandExecutor {
     ) -> ByteBuffer {
         var buffer = allocator.buffer(capacity: 64)
         NBDReplyEncoder.writeError(
-            cookie: cookie, command: command.rawValue, error: Self.nbdError(for: error, command: command),
+            cookie: cookie, command: command.rawValue, error: NBDError(storageError: error, command: command),
             message: error.description, structured: structured, into: &buffer)
         return buffer
-    }
-
-    /// Maps storage failures onto the protocol's errno space, as nbdkit and qemu do.
-    static func nbdError(for error: StorageError, command: NBDCommandType) -> NBDError {
-        if case .notSupported = error { return command == .writeZeroes ? .notSupported : .invalid }
-        switch error.errno {
-        case EROFS, EPERM: return .permission
-        case EIO: return .io
-        case ENOMEM: return .noMemory
-        case ENOSPC, EDQUOT, EFBIG: return .noSpace
-        case ESHUTDOWN: return .shutdown
-        default: return .invalid
-        }
     }
 
     /// Runs a status-only operation on the I/O pool.
@@ -276,6 +263,8 @@ struct CommandExecutor {
 
     // MARK: - Block status
 
+    /// One chunk per selected context, in the order SET_META_CONTEXT returned them; each
+    /// context's kind was resolved then, so nothing here parses a name.
     private func blockStatus(
         cookie: UInt64, offset: UInt64, length: UInt32, requestOne: Bool, into buffer: inout ByteBuffer
     ) {
@@ -283,29 +272,31 @@ struct CommandExecutor {
         for (index, context) in contexts.enumerated() {
             var builder = BlockStatusBuilder(contextID: context.id, offset: offset, length: length, requestOne: requestOne)
             let done = index == contexts.count - 1
-            switch context.name {
-            case let name where name.hasPrefix(Export.dirtyBitmapPrefix):
-                let bitmap = String(name.dropFirst(Export.dirtyBitmapPrefix.count))
-                if let extents = try? export.tracker.extents(
-                    name: bitmap, offset: offset, length: UInt64(length),
-                    maximumExtents: requestOne ? 1 : BlockStatusBuilder.maximumExtents)
-                {
+            switch context.kind {
+            case .dirtyBitmap(let bitmap):
+                do throws(BitmapError) {
+                    let extents = try export.tracker.extents(
+                        name: bitmap, offset: offset, length: UInt64(length),
+                        maximumExtents: requestOne ? 1 : BlockStatusBuilder.maximumExtents)
                     for extent in extents where builder.wantsMore {
                         builder.append(length: extent.length, flags: extent.dirty ? NBDDirtyFlags.dirty : 0)
                     }
+                } catch {
+                    // The bitmap was removed since SET_META_CONTEXT (the only way extents
+                    // fails): nothing is known about the range, so all of it is reported
+                    // dirty below, the answer that can only make a backup copy more.
                 }
-                // A bitmap removed since SET reports "dirty", the safe answer.
                 builder.write(cookie: cookie, done: done, fallbackFlags: NBDDirtyFlags.dirty, into: &buffer)
-            case Export.baseAllocation:
+            case .baseAllocation:
                 for extent in allocation(offset: offset, length: length, requestOne: requestOne) where builder.wantsMore {
                     builder.append(
                         length: extent.length,
                         flags: extent.isHole ? NBDAllocationFlags.hole | NBDAllocationFlags.zero : 0)
                 }
                 builder.write(cookie: cookie, done: done, fallbackFlags: 0, into: &buffer)
-            default:
-                // A context that vanished since SET (e.g. a removed bitmap): report the
-                // safe answer for unknown contexts, "dirty"/"data" (bit 0 set).
+            case .unrecognized:
+                // Never selected on an export built here (every offered name is one of the
+                // two above); bit 0 set is "dirty"/"data", the over-reporting answer.
                 builder.write(cookie: cookie, done: done, fallbackFlags: 1, into: &buffer)
             }
         }

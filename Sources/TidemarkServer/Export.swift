@@ -7,11 +7,6 @@ import NBDProtocol
 /// Shared by every connection to it (one file descriptor, one page cache), which is what
 /// makes `CAN_MULTI_CONN` honest: a FLUSH on any connection covers writes from all.
 public final class Export: Sendable {
-    /// Context name of the allocation map every export offers.
-    public static let baseAllocation = "base:allocation"
-    /// Prefix of the context that exposes a bitmap, as qemu-nbd names it.
-    public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
-
     /// What the export's reads show.
     public enum Content: Sendable {
         /// The image as it is now; its writes preserve old data into the open views.
@@ -88,7 +83,8 @@ public final class Export: Sendable {
             size: image.size,
             isReadOnly: isReadOnly,
             minimumBlockSize: image.size % 512 == 0 ? 512 : 1,
-            metaContexts: [Self.baseAllocation] + offeredBitmaps.map { Self.dirtyBitmapPrefix + $0 }
+            metaContexts: [NBDMetaContextKind.baseAllocationName]
+                + offeredBitmaps.map(NBDMetaContextKind.dirtyBitmapContext)
         )
     }
 }

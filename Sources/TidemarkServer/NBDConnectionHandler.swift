@@ -2,36 +2,23 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOPosix
+import NIOTLS
+import TidemarkTLS
 
 /// Asks a connection to wind down: finish what is in flight, then close.
 public struct ConnectionShouldQuiesceEvent: Sendable {
     public init() {}
 }
 
-/// One client connection: feeds bytes to the handshake and transmission state machines
-/// and carries out what they decide. It makes no protocol decisions of its own.
+/// One client connection's I/O: it feeds received bytes to ``NBDServerConnection`` and
+/// carries out the actions it returns. It keeps only what touches NIO — the receive
+/// buffer and its top-up, the burst's outgoing buffer and its flush, the payload budget,
+/// timers, and completions from the I/O pool. Every protocol decision, including when a
+/// disconnect or a stop may close, is the machine's.
 final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
-
-    /// Transmission-phase state, held by reference so the per-request path mutates the
-    /// state machine in place instead of copying it out of an enum and back.
-    private final class Transmission {
-        var machine: TransmissionStateMachine
-        let executor: CommandExecutor
-
-        init(machine: TransmissionStateMachine, executor: CommandExecutor) {
-            self.machine = machine
-            self.executor = executor
-        }
-    }
-
-    private enum Phase {
-        case handshake(HandshakeStateMachine)
-        case transmission(Transmission)
-        case closed
-    }
 
     /// WRITE requests up to this size are buffered without asking the ``PayloadBudget``:
     /// the per-connection allowance, and the 4 KiB path never touches the shared counter.
@@ -49,16 +36,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let outputLimit: Int
     private var logger: Logger
 
-    private var phase: Phase
-    private var decoder = NBDRequestDecoder()
+    private var connection: NBDServerConnection
+    /// Runs the commands of the chosen export; set on entering transmission.
+    private var executor: CommandExecutor?
     private var received: ByteBuffer?
     /// Replies produced during this read burst, written to the socket in one go.
     private var outbox: ByteBuffer?
-    private var timeoutTask: Scheduled<Void>?
+    private var handshakeDeadline: Scheduled<Void>?
+    /// The channel is being closed (by this handler or the peer): nothing more is sent.
+    private var channelClosing = false
     private var flushPending = false
     private var flushScheduled = false
     private var readPending = false
-    private var quiescing = false
     /// Bytes of READ replies being produced on the I/O pool.
     private var offloadedReadBytes = 0
     /// The channel's writability as last announced (`channelWritabilityChanged`), so the
@@ -76,14 +65,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// it is in transmission; both nil without `--metrics`.
     private let serverMetrics: ServerMetrics?
     private var requestMetrics: ConnectionMetrics?
+    /// TLS credentials (`serve --tls on|require`); the TLS handler joins the pipeline only
+    /// when the client sends STARTTLS.
+    private let tls: TLSServerCredentials?
+    /// STARTTLS was acknowledged and the TLS handshake is running.
+    private var awaitingTLS = false
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
         requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
-        logger: Logger
+        tls: TLSServerCredentials? = nil, logger: Logger
     ) {
         self.serverMetrics = metrics
-        self.phase = .handshake(HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies))
+        self.tls = tls
+        self.connection = NBDServerConnection(
+            configuration: .init(offersStructuredReplies: offersStructuredReplies, tls: tls?.policy ?? .unavailable))
         self.registry = registry
         self.pool = pool
         self.handshakeTimeout = handshakeTimeout
@@ -96,52 +92,51 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Lifecycle
 
     func channelActive(context: ChannelHandlerContext) {
-        if case .handshake(let machine) = phase {
-            var greeting = context.channel.allocator.buffer(capacity: 18)
-            machine.writeGreeting(into: &greeting)
-            context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
-        }
-        let loop = context.eventLoop.assumeIsolated()
-        timeoutTask = loop.scheduleTask(in: handshakeTimeout) { [weak self] in
-            guard let self, case .handshake = self.phase else { return }
-            self.logger.warning(
-                "handshake refused: no export chosen within \(self.handshakeTimeout.nanoseconds / 1_000_000_000) s",
-                metadata: ["event": "handshake.refused", "reason": "handshake timed out"])
-            self.serverMetrics?.handshakeFailed(reason: "timeout")
-            self.close(context: context)
+        var greeting = context.channel.allocator.buffer(capacity: 18)
+        connection.writeGreeting(into: &greeting)
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        handshakeDeadline = context.eventLoop.assumeIsolated().scheduleTask(in: handshakeTimeout) { [weak self] in
+            guard let self, let reason = self.connection.handshakeDeadlinePassed() else { return }
+            self.close(reason, context: context)
         }
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        timeoutTask?.cancel()
-        timeoutTask = nil
-        phase = .closed
+        connection.connectionEnded()
         received = nil
+        handshakeDeadline?.cancel()
+        handshakeDeadline = nil
         releaseResources()
         requestMetrics?.finish()
+        channelClosing = true
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        logger.debug("connection error: \(error)")
-        close(context: context)
+        if TLSUpgrade.isUncleanShutdown(error) {
+            // libnbd closes without a TLS close_notify: an ordinary disconnect.
+            logger.debug("client closed its TLS connection without close_notify")
+        } else if awaitingTLS {
+            logger.warning(
+                "TLS handshake failed: \(error)", metadata: ["event": "tls.refused", "reason": "\(error)"])
+            serverMetrics?.handshakeFailed(reason: "tls")
+        } else {
+            logger.debug("connection error: \(error)")
+        }
+        endConnection(context: context)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted(let negotiated) = event as? TLSUserEvent {
+            tlsHandshakeCompleted(protocol: negotiated, context: context)
+            return
+        }
         guard event is ConnectionShouldQuiesceEvent else {
             context.fireUserInboundEventTriggered(event)
             return
         }
-        quiescing = true
-        switch phase {
-        case .handshake:
-            close(context: context)
-        case .transmission(let transmission):
-            if transmission.machine.inFlight == 0 { close(context: context) }
-        case .closed:
-            break
-        }
+        if let reason = connection.quiesce() { close(reason, context: context) }
     }
 
     // MARK: - Inbound bytes
@@ -159,7 +154,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         received = nil
-        if case .transmission = phase {
+        if connection.session != nil {
             // A request straddles the two reads: top it up with only the bytes it lacks,
             // then decode the rest of `incoming` where it lies instead of copying it all.
             topUp(&pending, from: &incoming, context: context)
@@ -183,7 +178,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Moves into `pending` the bytes of `incoming` that complete its first request.
     private func topUp(_ pending: inout ByteBuffer, from incoming: inout ByteBuffer, context: ChannelHandlerContext) {
-        while incoming.readableBytes > 0, let missing = decoder.bytesMissing(in: pending), missing > 0 {
+        while incoming.readableBytes > 0, let missing = connection.bytesMissing(in: pending), missing > 0 {
             var part = incoming.readSlice(length: min(missing, incoming.readableBytes)) ?? ByteBuffer()
             pending.writeBuffer(&part)
             reserveForNextRequest(&pending, context: context)
@@ -196,7 +191,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// stays as it is and reading waits (``awaitingBudget``) until it does.
     private func reserveForNextRequest(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
         awaitingBudget = false
-        guard let needed = decoder.bytesNeeded(in: buffer), buffer.capacity - buffer.readerIndex < needed else { return }
+        guard let needed = connection.bytesNeeded(in: buffer), buffer.capacity - buffer.readerIndex < needed else { return }
         if needed > Self.unbudgetedRequestSize && chargedBytes < needed {
             guard budget.tryAcquire(needed - chargedBytes) else {
                 waitForBudget(context: context)
@@ -218,91 +213,105 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func processReceived(context: ChannelHandlerContext) {
         guard var buffer = received else { return }
         received = nil
-        runStateMachines(&buffer, context: context)
-        if case .closed = phase { return }
+        pump(&buffer, context: context)
+        if connection.isClosed { return }
         guard buffer.readableBytes > 0 else { return }
         reserveForNextRequest(&buffer, context: context)
         received = buffer
     }
 
-    /// Feeds buffered bytes to the current phase's state machine until it needs more,
-    /// pauses, or the connection closes.
-    private func runStateMachines(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
-        while true {
-            switch phase {
-            case .closed:
+    /// Steps the connection machine over the buffered bytes until it needs more, holds
+    /// the input, or the connection closes, carrying out each action.
+    private func pump(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        while !connection.isClosed {
+            if connection.session != nil, outputIsFull(context: context) { return }
+            var output = outbox ?? context.channel.allocator.buffer(capacity: 64 * 1024)
+            outbox = nil
+            let written = output.writerIndex
+            let action = connection.next(&buffer, catalog: registry, output: &output)
+            if output.writerIndex != written { flushPending = true }
+            outbox = output
+            switch action {
+            case .needMoreData, .pauseReading:
                 return
-            case .handshake(var machine):
-                var output = context.channel.allocator.buffer(capacity: 256)
-                let action = machine.process(&buffer, catalog: registry, output: &output)
-                if let refusal = machine.takeRefusal() {
-                    var metadata: Logger.Metadata = ["event": "handshake.refused", "reason": "\(refusal)"]
-                    if let name = refusal.exportName { metadata["export"] = .string(name) }
-                    logger.warning("handshake refused: \(refusal)", metadata: metadata)
-                }
-                phase = .handshake(machine)
-                if output.readableBytes > 0 {
-                    context.write(wrapOutboundOut(output), promise: nil)
-                    flushPending = true
-                }
-                switch action {
-                case .needMoreData:
-                    return
-                case .continueNegotiating:
-                    continue
-                case .abort:
-                    close(context: context)
-                case .close(let failure):
-                    logger.warning(
-                        "handshake refused: \(failure)", metadata: ["event": "handshake.refused", "reason": "\(failure)"])
-                    serverMetrics?.handshakeFailed(reason: failure.metricReason)
-                    close(context: context)
-                case .enterTransmission(let session):
-                    enterTransmission(session, context: context)
-                case .startTLS:
-                    // This handler never configures a TLS policy, so the machine cannot ask.
-                    close(context: context)
-                }
-            case .transmission(let transmission):
-                guard !transmission.machine.shouldPauseReading, !outputIsFull(context: context) else { return }
-                switch decoder.decode(&buffer) {
-                case .needMoreData:
-                    return
-                case .protocolViolation(let error):
-                    logger.warning(
-                        "closing connection: \(error)", metadata: ["event": "protocol.violation", "reason": "\(error)"])
-                    close(context: context)
-                case .request(let request):
-                    awaitingBudget = false
-                    if chargedBytes > 0 {
-                        // Complete: its bytes now count as in flight (maximumBytesInFlight).
-                        budget.release(chargedBytes)
-                        chargedBytes = 0
-                    }
-                    let disposition = transmission.machine.received(request)
-                    handle(disposition, transmission: transmission, context: context)
-                }
+            case .continueNegotiating:
+                continue
+            case .optionRefused(let refusal):
+                var metadata: Logger.Metadata = ["event": "handshake.refused", "reason": "\(refusal)"]
+                if let name = refusal.exportName { metadata["export"] = .string(name) }
+                logger.warning("handshake refused: \(refusal)", metadata: metadata)
+            case .enterTransmission(let session):
+                enterTransmission(session, context: context)
+            case .execute(let cookie, let command, let cost):
+                execute(command, cookie: cookie, cost: cost, context: context)
+            case .refused(_, let command, _, let message):
+                logger.debug("\(NBDNames.command(command)) refused: \(message)")
+                if let metrics = requestMetrics { metrics.refused(rawCommand: command, startedAt: metrics.started()) }
+            case .close(let reason):
+                close(reason, context: context)
+            case .startTLS:
+                startTLS(leftover: &buffer, context: context)
+                return
             }
         }
     }
 
+    // MARK: - TLS
+
+    /// Sends the plaintext ACK, then puts TLS in front and hands it the bytes the client
+    /// sent after STARTTLS.
+    private func startTLS(leftover buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        guard let tls else {
+            endConnection(context: context)
+            return
+        }
+        flushIfNeeded(context: context)
+        let leftover = buffer.readableBytes > 0 ? buffer : nil
+        buffer.moveReaderIndex(to: buffer.writerIndex)
+        awaitingTLS = true
+        do {
+            try TLSUpgrade.start(credentials: tls, pipeline: context.pipeline.syncOperations, leftover: leftover)
+        } catch {
+            logger.error("cannot start TLS: \(error)", metadata: ["event": "tls.refused", "reason": "\(error)"])
+            endConnection(context: context)
+        }
+    }
+
+    /// The client finished its TLS handshake: check who it is, then negotiate inside TLS.
+    private func tlsHandshakeCompleted(protocol negotiated: String?, context: ChannelHandlerContext) {
+        guard awaitingTLS, let tls, !connection.isClosed else { return }
+        awaitingTLS = false
+        switch TLSUpgrade.authorize(credentials: tls, pipeline: context.pipeline.syncOperations) {
+        case .refused(let refusal):
+            logger.warning(
+                "TLS refused: \(refusal)", metadata: ["event": "tls.refused", "reason": "\(refusal)"])
+            serverMetrics?.handshakeFailed(reason: "tls")
+            endConnection(context: context)
+        case .allowed(let identity):
+            if let identity { logger[metadataKey: "client"] = .string(identity) }
+            logger.debug("TLS established")
+            connection.tlsEstablished()
+            processReceived(context: context)
+            flushIfNeeded(context: context)
+        }
+    }
+
     private func enterTransmission(_ session: NBDSession, context: ChannelHandlerContext) {
-        timeoutTask?.cancel()
-        timeoutTask = nil
+        handshakeDeadline?.cancel()
+        handshakeDeadline = nil
         guard let export = registry.export(named: session.exportName) else {
             logger.warning(
                 "handshake refused: export '\(session.exportName)' was removed during the handshake",
                 metadata: ["event": "handshake.refused", "reason": "export removed", "export": "\(session.exportName)"])
-            close(context: context)
+            endConnection(context: context)
             return
         }
         logger[metadataKey: "export"] = "\(session.exportName)"
         logger.debug("transmission started")
         context.triggerUserOutboundEvent(ConnectionExportChosen(exportName: session.exportName), promise: nil)
-        let executor = CommandExecutor(
+        executor = CommandExecutor(
             export: export, session: session, allocator: context.channel.allocator, pool: pool,
             eventLoop: context.eventLoop)
-        phase = .transmission(Transmission(machine: TransmissionStateMachine(session: session), executor: executor))
         if let serverMetrics {
             requestMetrics = ConnectionMetrics(server: serverMetrics, export: export.name, eventLoop: context.eventLoop)
         }
@@ -310,63 +319,49 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: - Requests
 
-    private func handle(_ disposition: RequestDisposition, transmission: Transmission, context: ChannelHandlerContext) {
-        let cost = TransmissionStateMachine.cost(of: disposition)
-        switch disposition {
-        case .disconnect:
-            logger.debug("client disconnected")
-            if transmission.machine.canCloseNow { close(context: context) }
-        case .reject(let cookie, let command, let error, let message):
-            let start = requestMetrics?.started()
-            logger.debug("request refused: \(message)")
-            withOutbox(context: context) { outbox in
-                NBDReplyEncoder.writeError(
-                    cookie: cookie, command: command, error: error, message: message,
-                    structured: transmission.executor.session.structuredReplies, into: &outbox)
-            }
-            if let start { requestMetrics?.refused(rawCommand: command, startedAt: start) }
-            completed(cost: cost, transmission: transmission, context: context)
-        case .execute(let cookie, let command):
-            let start = requestMetrics?.started()
-            // Where an inline reply will start (a new outbox starts at 0), for metrics only.
-            let replyStart = start == nil ? 0 : outbox?.writerIndex ?? 0
-            let result = withOutbox(context: context) { outbox in
-                transmission.executor.execute(command, cookie: cookie, outbox: &outbox)
-            }
-            switch result {
-            case .written:
-                if let start { recordInline(command, cost: cost, startedAt: start, replyStart: replyStart) }
-                completed(cost: cost, transmission: transmission, context: context)
-            case .reply(let reply):
-                context.write(wrapOutboundOut(reply), promise: nil)
-                flushPending = true
-                if let start { requestMetrics?.completed(.init(command, cost: cost, at: start), reply: reply) }
-                completed(cost: cost, transmission: transmission, context: context)
-            case .pending(let future):
-                // Plain values for the completion, not the command (a WRITE holds its payload).
-                let measured = start.map { ConnectionMetrics.Started(command, cost: cost, at: $0) }
-                var offloaded = 0
-                if case .read = command { offloaded = Int(cost) }
-                offloadedReadBytes += offloaded
-                future.assumeIsolated().whenComplete { [weak self] result in
-                    guard let self, case .transmission = self.phase else { return }
-                    let wasAtLimit = self.offloadedReadBytes >= self.outputLimit
-                    self.offloadedReadBytes -= offloaded
-                    switch result {
-                    case .success(let reply):
-                        if let measured { self.requestMetrics?.completed(measured, reply: reply) }
-                        context.write(self.wrapOutboundOut(reply), promise: nil)
-                        self.flushPending = true
-                        self.completed(cost: cost, transmission: transmission, context: context)
-                        if wasAtLimit && self.offloadedReadBytes < self.outputLimit {
-                            self.resumeReading(context: context)
-                        }
-                        self.scheduleFlush(context: context)
-                    case .failure(let error):
-                        // Only a pool that is shutting down fails; the connection cannot go on.
-                        self.logger.info("I/O pool unavailable: \(error)")
-                        self.close(context: context)
+    private func execute(_ command: NBDCommand, cookie: UInt64, cost: UInt64, context: ChannelHandlerContext) {
+        guard let executor else { return }
+        let start = requestMetrics?.started()
+        // Where an inline reply will start, for metrics only.
+        let replyStart = outbox?.writerIndex ?? 0
+        var output = outbox ?? context.channel.allocator.buffer(capacity: 64 * 1024)
+        outbox = nil
+        let result = executor.execute(command, cookie: cookie, outbox: &output)
+        outbox = output
+        switch result {
+        case .written:
+            flushPending = true
+            if let start { recordInline(command, cost: cost, startedAt: start, replyStart: replyStart) }
+            completed(cost: cost, context: context)
+        case .reply(let reply):
+            context.write(wrapOutboundOut(reply), promise: nil)
+            flushPending = true
+            if let start { requestMetrics?.completed(.init(command, cost: cost, at: start), reply: reply) }
+            completed(cost: cost, context: context)
+        case .pending(let future):
+            // Plain values for the completion, not the command (a WRITE holds its payload).
+            let measured = start.map { ConnectionMetrics.Started(command, cost: cost, at: $0) }
+            var offloaded = 0
+            if case .read = command { offloaded = Int(cost) }
+            offloadedReadBytes += offloaded
+            future.assumeIsolated().whenComplete { [weak self] result in
+                guard let self, !self.connection.isClosed else { return }
+                let wasAtLimit = self.offloadedReadBytes >= self.outputLimit
+                self.offloadedReadBytes -= offloaded
+                switch result {
+                case .success(let reply):
+                    if let measured { self.requestMetrics?.completed(measured, reply: reply) }
+                    context.write(self.wrapOutboundOut(reply), promise: nil)
+                    self.flushPending = true
+                    self.completed(cost: cost, context: context)
+                    if wasAtLimit && self.offloadedReadBytes < self.outputLimit {
+                        self.resumeReading(context: context)
                     }
+                    self.scheduleFlush(context: context)
+                case .failure(let error):
+                    // Only a pool that is shutting down fails; the connection cannot go on.
+                    self.logger.info("I/O pool unavailable: \(error)")
+                    self.endConnection(context: context)
                 }
             }
         }
@@ -384,32 +379,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             RequestKind(command), bytes: RequestKind.bytes(of: command, cost: cost), startedAt: start, failed: failed)
     }
 
-    /// Runs `body` on the burst's outgoing buffer, creating it on first use.
-    private func withOutbox<Result>(context: ChannelHandlerContext, _ body: (inout ByteBuffer) -> Result) -> Result {
-        var buffer = outbox ?? context.channel.allocator.buffer(capacity: 64 * 1024)
-        outbox = nil
-        let result = body(&buffer)
-        outbox = buffer
-        flushPending = true
-        return result
-    }
-
-    /// Updates the in-flight accounting once a reply has been queued.
-    private func completed(cost: UInt64, transmission: Transmission, context: ChannelHandlerContext) {
-        switch transmission.machine.completed(cost: cost) {
+    /// Tells the machine a reply is queued and does what it says.
+    private func completed(cost: UInt64, context: ChannelHandlerContext) {
+        switch connection.requestCompleted(cost: cost) {
         case .none:
-            if quiescing && transmission.machine.inFlight == 0 { close(context: context) }
-        case .close:
-            close(context: context)
+            break
         case .resumeReading:
             resumeReading(context: context)
+        case .close(let reason):
+            close(reason, context: context)
         }
     }
 
     // MARK: - Flow control
 
     func read(context: ChannelHandlerContext) {
-        if isHoldingInput(context: context) {
+        if isHoldingInput {
             readPending = true
             return
         }
@@ -417,11 +402,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// True while the server, not the client, keeps the next request from coming in:
-    /// too much in flight, replies not yet taken by the client, no payload budget, a stop.
-    private func isHoldingInput(context: ChannelHandlerContext) -> Bool {
-        guard case .transmission(let transmission) = phase else { return false }
-        return transmission.machine.shouldPauseReading || quiescing || awaitingBudget
-            || !channelWritable || offloadedReadBytes >= outputLimit
+    /// the machine holds it (in flight at the limit, a disconnect, a stop), or the
+    /// handler's resources do (no payload budget, replies not yet taken by the client).
+    private var isHoldingInput: Bool {
+        guard connection.session != nil else { return false }
+        return connection.isHoldingInput || awaitingBudget || !channelWritable || offloadedReadBytes >= outputLimit
     }
 
     /// True when replies waiting for the client have reached the limit: the channel is
@@ -453,7 +438,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         // everything and be waiting): resumption comes from writability, the pool or a
         // timer, never from channelReadComplete.
         if flushPending { scheduleFlush(context: context) }
-        if readPending, !isHoldingInput(context: context) {
+        if readPending, !isHoldingInput {
             readPending = false
             // Waiting on the server is not the client's stall.
             lastInput = .now()
@@ -474,7 +459,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         budgetRetry = context.eventLoop.assumeIsolated().scheduleTask(in: Self.budgetRetryInterval) { [weak self] in
             guard let self else { return }
             self.budgetRetry = nil
-            guard self.awaitingBudget, case .transmission = self.phase else { return }
+            guard self.awaitingBudget, !self.connection.isClosed else { return }
             self.awaitingBudget = false
             if var buffer = self.received {
                 self.received = nil
@@ -488,7 +473,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Bytes arrived and a request is still incomplete: (re)starts the stall clock and
     /// makes sure a timer will look at it.
     private func notePartialInput(context: ChannelHandlerContext) {
-        guard case .transmission = phase else { return }
+        guard connection.session != nil, !connection.isClosed else { return }
         lastInput = .now()
         if stallTimer == nil { armStallTimer(at: lastInput + requestTimeout, context: context) }
     }
@@ -504,16 +489,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Closes the connection when its partly received request has not grown for
     /// `requestTimeout` while the server was ready to read it.
     private func checkStall(context: ChannelHandlerContext) {
-        guard case .transmission = phase, let buffer = received, buffer.readableBytes > 0,
-            (decoder.bytesMissing(in: buffer) ?? 1) > 0
+        guard !connection.isClosed, let buffer = received, buffer.readableBytes > 0,
+            (connection.bytesMissing(in: buffer) ?? 1) > 0
         else { return }
         let now = NIODeadline.now()
-        if isHoldingInput(context: context) { lastInput = now }
+        if isHoldingInput { lastInput = now }
         if now - lastInput >= requestTimeout {
-            let needed = decoder.bytesNeeded(in: buffer).map { " of \($0)" } ?? ""
+            let needed = connection.bytesNeeded(in: buffer).map { " of \($0)" } ?? ""
             logger.warning(
                 "closing connection: a request stalled for \(requestTimeout.nanoseconds / 1_000_000) ms with \(buffer.readableBytes)\(needed) bytes received (--request-timeout)")
-            close(context: context)
+            endConnection(context: context)
             return
         }
         armStallTimer(at: lastInput + requestTimeout, context: context)
@@ -552,13 +537,37 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.flush()
     }
 
-    private func close(context: ChannelHandlerContext) {
-        if case .closed = phase { return }
+    /// Closes for a reason the connection machine gave, saying why where a person
+    /// would want to know.
+    private func close(_ reason: ConnectionCloseReason, context: ChannelHandlerContext) {
+        switch reason {
+        case .handshakeFailed(let failure):
+            logger.warning("handshake refused: \(failure)", metadata: ["event": "handshake.refused", "reason": "\(failure)"])
+            serverMetrics?.handshakeFailed(reason: failure.metricReason)
+        case .handshakeTimedOut:
+            logger.warning(
+                "handshake refused: no export chosen within \(handshakeTimeout.nanoseconds / 1_000_000_000) s",
+                metadata: ["event": "handshake.refused", "reason": "handshake timed out"])
+            serverMetrics?.handshakeFailed(reason: "timeout")
+        case .framingError(let error):
+            logger.warning("closing connection: \(error)", metadata: ["event": "protocol.violation", "reason": "\(error)"])
+        case .clientDisconnected:
+            logger.debug("client disconnected")
+        case .clientAborted, .quiesced:
+            break
+        }
+        endConnection(context: context)
+    }
+
+    /// Sends what is queued and closes the channel, once.
+    private func endConnection(context: ChannelHandlerContext) {
+        guard !channelClosing else { return }
+        channelClosing = true
+        connection.connectionEnded()
         flushIfNeeded(context: context)
-        phase = .closed
         received = nil
-        timeoutTask?.cancel()
-        timeoutTask = nil
+        handshakeDeadline?.cancel()
+        handshakeDeadline = nil
         releaseResources()
         requestMetrics?.finish()
         context.close(promise: nil)

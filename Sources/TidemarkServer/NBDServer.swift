@@ -149,6 +149,7 @@ public final class NBDServer: Sendable {
         let logger = self.logger
         let timeout = configuration.handshakeTimeout
         let offersStructuredReplies = configuration.offersStructuredReplies
+        let tls = configuration.tls
         let requestTimeout = configuration.requestTimeout
         let budget = payloadBudget
         let waterMark = Self.writeBufferWaterMark
@@ -180,7 +181,7 @@ public final class NBDServer: Sendable {
                         NBDConnectionHandler(
                             registry: registry, pool: pool, handshakeTimeout: timeout,
                             offersStructuredReplies: offersStructuredReplies, requestTimeout: requestTimeout,
-                            budget: budget, outputLimit: waterMark.high, metrics: metrics, logger: logger))
+                            budget: budget, outputLimit: waterMark.high, metrics: metrics, tls: tls, logger: logger))
                 }
             }
     }

@@ -186,8 +186,8 @@ struct StreamFactory {
     }
 }
 
-/// Runs one stream through the handshake and transmission machines and checks every
-/// step against what the spec allows.
+/// Runs one stream through the server's connection machine (``NBDServerConnection``, the
+/// object the NIO handler pumps) and checks every step against what the spec allows.
 struct StreamChecker {
     let catalog = TestCatalog.standard
     var failures: [String] = []
@@ -198,18 +198,12 @@ struct StreamChecker {
     private var input = ByteBuffer()
     private var output = ByteBuffer()
 
-    private enum Phase {
-        case handshake(HandshakeStateMachine)
-        case transmission(NBDSession, NBDRequestDecoder, TransmissionStateMachine)
-        case ended
-    }
-
     private mutating func fail(_ message: String) {
         failures.append(message)
     }
 
     mutating func run(_ stream: [UInt8], pieces: [Int], completeEvery: Int) {
-        var phase = Phase.handshake(HandshakeStateMachine())
+        var connection = NBDServerConnection()
         input.clear()
         var fed = 0
         var consumed = 0
@@ -217,6 +211,9 @@ struct StreamChecker {
         var clientFlags: UInt32 = 0
         var optionsHandled = 0
         var pendingCosts: [UInt64] = []
+        var session: NBDSession?
+        /// Where in `stream` the request being decoded began (a drained WRITE takes several steps).
+        var requestStart: Int?
         let totalBytes = stream.count
         var position = 0
         var iterations = 0
@@ -233,26 +230,25 @@ struct StreamChecker {
                 if iterations > iterationLimit {
                     return fail("no progress after \(iterations) steps on \(totalBytes) bytes")
                 }
-                switch phase {
-                case .ended:
-                    return
-                case .handshake(var machine):
-                    let before = input.readerIndex
-                    let header = input.getMultipleIntegers(at: before, as: (UInt64, UInt32, UInt32).self)
-                    let peekedFlags = input.getInteger(at: before, as: UInt32.self)
-                    output.clear()
-                    let action = machine.process(&input, catalog: catalog, output: &output)
-                    phase = .handshake(machine)
-                    let used = input.readerIndex - before
-                    consumed += used
-                    if used < 0 || consumed > fed { return fail("handshake consumed \(consumed) of \(fed) bytes") }
+                if connection.isClosed { return }
+                let before = input.readerIndex
+                let header = input.getMultipleIntegers(at: before, as: (UInt64, UInt32, UInt32).self)
+                let peekedFlags = input.getInteger(at: before, as: UInt32.self)
+                if session != nil && requestStart == nil { requestStart = consumed }
+                output.clear()
+                let action = connection.next(&input, catalog: catalog, output: &output)
+                let used = input.readerIndex - before
+                consumed += used
+                if used < 0 || consumed > fed { return fail("consumed \(consumed) of \(fed) bytes") }
+                guard let current = session else {
+                    // Handshake.
                     switch action {
                     case .needMoreData:
                         if used != 0 || output.readableBytes != 0 {
                             return fail("needMoreData after consuming \(used) bytes / writing \(output.readableBytes)")
                         }
                         break stepping
-                    case .continueNegotiating:
+                    case .continueNegotiating, .optionRefused:
                         if !flagsDone {
                             guard used == 4, output.readableBytes == 0, let raw = peekedFlags, raw & ~3 == 0 else {
                                 return fail("client flags step consumed \(used), wrote \(output.readableBytes)")
@@ -272,78 +268,119 @@ struct StreamChecker {
                             return fail("option \(option) answered with continueNegotiating")
                         }
                         checkReplies(output.bytes, option: option, endsWithGo: false)
-                    case .abort:
+                    case .close(.clientAborted):
                         guard let (_, option, _) = header, option == Wire.optAbort,
                             output.bytes == Self.ack(Wire.optAbort)
                         else { return fail("abort with \(output.readableBytes) bytes of output") }
-                        phase = .ended
-                    case .close(let failure):
+                        if !connection.isClosed { fail("still open after an abort") }
+                        return
+                    case .close(.handshakeFailed(let failure)):
                         if output.readableBytes != 0 { return fail("close(\(failure)) wrote \(output.readableBytes) bytes") }
                         checkClose(failure, flagsDone: flagsDone, header: header, clientFlags: clientFlags, optionsHandled: optionsHandled)
-                        phase = .ended
-                    case .enterTransmission(let session):
+                        if !connection.isClosed { fail("still open after a handshake failure") }
+                        return
+                    case .enterTransmission(let negotiated):
                         guard let (_, option, _) = header else { return fail("transmission without an option") }
                         optionsHandled += 1
-                        checkSession(session, option: option, output: output.bytes, clientFlags: clientFlags)
+                        checkSession(negotiated, option: option, output: output.bytes, clientFlags: clientFlags)
+                        if connection.session != negotiated { fail("the machine's session differs from the one announced") }
                         transmissions += 1
-                        phase = .transmission(session, NBDRequestDecoder(), TransmissionStateMachine(session: session))
-                    case .startTLS:
-                        return fail("STARTTLS accepted by a machine without a TLS policy")
+                        session = negotiated
+                    case .close, .pauseReading, .execute, .refused, .startTLS:
+                        return fail("\(action) during the handshake")
                     }
-                case .transmission(let session, var decoder, var machine):
-                    if machine.shouldPauseReading {
-                        if machine.isDisconnecting {
-                            // Drain the replies; the last one must say close.
-                            var last = CompletionAction.none
-                            for cost in pendingCosts { last = machine.completed(cost: cost) }
-                            if !pendingCosts.isEmpty && last != .close { fail("disconnect drained without close") }
-                            if !machine.canCloseNow { fail("cannot close after draining a disconnect") }
-                            phase = .ended
-                            return
+                    continue stepping
+                }
+                // Transmission.
+                switch action {
+                case .needMoreData:
+                    if output.readableBytes != 0 { return fail("needMoreData wrote \(output.readableBytes) bytes") }
+                    break stepping
+                case .pauseReading:
+                    if output.readableBytes != 0 { return fail("pauseReading wrote \(output.readableBytes) bytes") }
+                    if used > 0 {
+                        // Only NBD_CMD_DISC is consumed without a reply.
+                        guard let request = takeRequest(stream, at: &requestStart), request.type == Wire.cmdDisc else {
+                            return fail("pauseReading after consuming \(used) bytes of a request other than DISC")
                         }
-                        var resumed = false
-                        while let cost = pendingCosts.popLast() {
-                            if machine.completed(cost: cost) == .resumeReading { resumed = true }
-                        }
-                        if !resumed || machine.shouldPauseReading { return fail("reading never resumed") }
-                        phase = .transmission(session, decoder, machine)
-                        continue stepping
-                    }
-                    let before = input.readerIndex
-                    let result = decoder.decode(&input)
-                    let used = input.readerIndex - before
-                    consumed += used
-                    if consumed > fed { return fail("decoder consumed \(consumed) of \(fed) bytes") }
-                    switch result {
-                    case .needMoreData:
-                        phase = .transmission(session, decoder, machine)
-                        break stepping
-                    case .protocolViolation(let error):
-                        switch error {
-                        case .badMagic(let magic) where magic != Wire.requestMagic: break
-                        case .payloadTooLarge(let length) where length > 64 << 20: break
-                        default: fail("unexpected framing error \(error)")
-                        }
-                        phase = .ended
+                        if pendingCosts.isEmpty { return fail("DISC with nothing in flight did not close") }
+                        var last = NBDServerConnection.CompletionAction.none
+                        for cost in pendingCosts { last = connection.requestCompleted(cost: cost) }
+                        if last != .close(.clientDisconnected) { fail("disconnect drained to \(last), not close") }
+                        if !connection.isClosed { fail("open after draining a disconnect") }
                         return
-                    case .request(let request):
-                        if used == 0 { return fail("request emitted without consuming input") }
-                        let disposition = machine.received(request)
-                        checkDisposition(disposition, request: request, session: session)
-                        if case .execute = disposition { executed += 1 }
-                        if case .disconnect = disposition {
-                        } else {
-                            pendingCosts.append(TransmissionStateMachine.cost(of: disposition))
-                        }
-                        if pendingCosts.count >= completeEvery, !machine.isDisconnecting {
-                            while let cost = pendingCosts.popLast() { _ = machine.completed(cost: cost) }
-                            if machine.shouldPauseReading { fail("still paused with nothing in flight") }
-                        }
-                        phase = .transmission(session, decoder, machine)
                     }
+                    if !connection.isHoldingInput { return fail("pauseReading while not holding input") }
+                    var resumed = false
+                    while let cost = pendingCosts.popLast() {
+                        if connection.requestCompleted(cost: cost) == .resumeReading { resumed = true }
+                    }
+                    if !resumed || connection.isHoldingInput { return fail("reading never resumed") }
+                    continue stepping
+                case .close(.framingError(let error)):
+                    switch error {
+                    case .badMagic(let magic) where magic != Wire.requestMagic: break
+                    case .payloadTooLarge(let length) where length > 64 << 20: break
+                    default: fail("unexpected framing error \(error)")
+                    }
+                    if output.readableBytes != 0 { fail("framing error wrote \(output.readableBytes) bytes") }
+                    return
+                case .close(.clientDisconnected):
+                    guard let request = takeRequest(stream, at: &requestStart), request.type == Wire.cmdDisc else {
+                        return fail("closed as disconnected without a DISC")
+                    }
+                    if !pendingCosts.isEmpty { fail("closed on DISC with \(pendingCosts.count) in flight") }
+                    if output.readableBytes != 0 { fail("DISC got a reply") }
+                    return
+                case .execute(let cookie, let command, let cost):
+                    if used == 0 { return fail("request emitted without consuming input") }
+                    if output.readableBytes != 0 { fail("execute wrote \(output.readableBytes) bytes itself") }
+                    guard let request = takeRequest(stream, at: &requestStart) else { return fail("no request header") }
+                    let disposition = RequestDisposition.execute(cookie: cookie, command: command)
+                    checkDisposition(disposition, request: request, session: current)
+                    if cost != TransmissionStateMachine.cost(of: disposition) { fail("cost \(cost) is not the request's") }
+                    executed += 1
+                    pendingCosts.append(cost)
+                    if pendingCosts.count >= completeEvery {
+                        while let cost = pendingCosts.popLast() { _ = connection.requestCompleted(cost: cost) }
+                        if connection.isHoldingInput { fail("still holding input with nothing in flight") }
+                    }
+                case .refused(let cookie, let command, let error, let message):
+                    if used == 0 { return fail("request refused without consuming input") }
+                    guard let request = takeRequest(stream, at: &requestStart) else { return fail("no request header") }
+                    checkDisposition(
+                        .reject(cookie: cookie, command: command, error: error, message: message), request: request,
+                        session: current)
+                    var expected = ByteBuffer()
+                    NBDReplyEncoder.writeError(
+                        cookie: cookie, command: command, error: error, message: message,
+                        structured: current.structuredReplies, into: &expected)
+                    if output.bytes != expected.bytes { fail("refusal reply is not the error reply") }
+                case .continueNegotiating, .optionRefused, .enterTransmission, .close, .startTLS:
+                    return fail("\(action) during transmission")
                 }
             }
         }
+    }
+
+    /// The raw request that began at `start` in the stream; clears `start` for the next.
+    private func takeRequest(_ stream: [UInt8], at start: inout Int?) -> NBDRequest? {
+        guard let begin = start, begin + NBDRequest.headerSize <= stream.count else { return nil }
+        start = nil
+        var buffer = ByteBuffer(bytes: stream[begin..<(begin + NBDRequest.headerSize)])
+        guard let (_, flags, type, cookie, offset, length) = buffer.readMultipleIntegers(
+            as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
+        else { return nil }
+        var request = NBDRequest(type: type, flags: NBDCommandFlags(rawValue: flags), cookie: cookie, offset: offset, length: length)
+        if type == Wire.cmdWrite {
+            if length > NBDLimits.maximumPayload {
+                request.payloadDiscarded = true
+            } else {
+                let payloadStart = begin + NBDRequest.headerSize
+                request.payload = ByteBuffer(bytes: stream[payloadStart..<min(stream.count, payloadStart + Int(length))])
+            }
+        }
+        return request
     }
 
     static func ack(_ option: UInt32) -> [UInt8] {
@@ -507,6 +544,7 @@ struct StreamChecker {
             case .write(let o, let payload, _):
                 (type, offset, length) = (Wire.cmdWrite, o, UInt64(payload.readableBytes))
                 if payload.readableBytes != Int(request.length) || request.payloadDiscarded { fail("WRITE payload mismatch") }
+                if let sent = request.payload, sent != payload { fail("WRITE payload differs from the bytes sent") }
             case .flush:
                 (type, offset, length) = (Wire.cmdFlush, 0, 0)
                 if request.offset != 0 || request.length != 0 { fail("FLUSH with a range executed") }

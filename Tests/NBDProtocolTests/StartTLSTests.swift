@@ -182,3 +182,58 @@ extension Array where Element == UInt8 {
         return false
     }
 }
+
+@Suite("NBDServerConnection: STARTTLS as a connection action")
+struct ConnectionStartTLSTests {
+    @Test("STARTTLS is an action; the bytes after it stay in the input; nothing is decoded until TLS is established")
+    func startTLSAction() throws {
+        var connection = NBDServerConnection(configuration: .init(tls: .required))
+        var output = ByteBuffer()
+        let clientHello: [UInt8] = [0x16, 0x03, 0x01, 0x02, 0x00]
+        var input = ByteBuffer(
+            bytes: Client.flags(3) + Client.structuredReply + Client.option(Wire.optStartTLS) + Client.go("disk") + clientHello)
+        var actions: [String] = []
+        stepping: while true {
+            let action = connection.next(&input, catalog: TestCatalog.standard, output: &output)
+            actions.append("\(action)")
+            switch action {
+            case .continueNegotiating, .optionRefused: continue
+            default: break stepping
+            }
+        }
+        #expect(actions.last == "startTLS")
+        #expect(input.bytes == Client.go("disk") + clientHello)
+        let replies = try OptionReplyParser.parse(output.bytes)
+        #expect(replies.map(\.type) == [Wire.errTLSRequired, Wire.repAck])
+        output.clear()
+        var pending = input
+        #expect("\(connection.next(&pending, catalog: TestCatalog.standard, output: &output))" == "needMoreData")
+        #expect(pending.readableBytes == input.readableBytes && output.readableBytes == 0)
+        #expect(connection.isNegotiating)
+
+        connection.tlsEstablished()
+        #expect(connection.tlsActive)
+        var encrypted = ByteBuffer(bytes: Client.go("disk"))
+        var last = connection.next(&encrypted, catalog: TestCatalog.standard, output: &output)
+        for _ in 0..<10 {
+            guard case .continueNegotiating = last else { break }
+            last = connection.next(&encrypted, catalog: TestCatalog.standard, output: &output)
+        }
+        guard case .enterTransmission(let session) = last else {
+            Issue.record("expected transmission, got \(last)")
+            return
+        }
+        #expect(session.structuredReplies == false)
+    }
+
+    @Test("the handshake deadline covers a TLS handshake that never finishes")
+    func deadlineCoversTLS() {
+        var connection = NBDServerConnection(configuration: .init(tls: .offered))
+        var output = ByteBuffer()
+        var input = ByteBuffer(bytes: Client.flags(3) + Client.option(Wire.optStartTLS))
+        _ = connection.next(&input, catalog: TestCatalog.standard, output: &output)
+        #expect("\(connection.next(&input, catalog: TestCatalog.standard, output: &output))" == "startTLS")
+        #expect(connection.handshakeDeadlinePassed() == .handshakeTimedOut)
+        #expect(connection.isClosed)
+    }
+}

@@ -203,8 +203,8 @@ struct TransmissionValidationTests {
         #expect(rejection.error == testCase.error)
         #expect(rejection.cookie == request.cookie)
         #expect(rejection.command == request.type)
-        // A refused request still needs a reply, so it is in flight.
-        #expect(machine.inFlight == 1)
+        // The refusal is answered as it is decoded: nothing is in flight.
+        #expect(machine.inFlight == 0)
         #expect(TransmissionStateMachine.cost(of: disposition) == 0)
     }
 
@@ -341,8 +341,9 @@ struct TransmissionValidationTests {
             TransmissionStateMachine.cost(of: machine.received(request(Wire.cmdWrite, length: 3, payload: [1, 2, 3]))) == 3)
         #expect(TransmissionStateMachine.cost(of: machine.received(request(Wire.cmdTrim, length: 4096))) == 0)
         #expect(TransmissionStateMachine.cost(of: machine.received(request(Wire.cmdBlockStatus, length: 4096))) == 0)
+        // Past the end: refused, so neither in flight nor costing anything.
         #expect(TransmissionStateMachine.cost(of: machine.received(request(Wire.cmdRead, offset: 1 << 30, length: 4096))) == 0)
-        #expect(machine.inFlight == 5)
+        #expect(machine.inFlight == 4)
         #expect(machine.bytesInFlight == 4099)
     }
 }
@@ -406,9 +407,12 @@ struct TransmissionFlowTests {
         var machine = TransmissionStateMachine(session: SessionKind.writable.session, maximumInFlight: 4)
         for cookie in UInt64(1)...3 { _ = machine.received(Self.read(cookie)) }
         #expect(!machine.shouldPauseReading)
-        // Refused requests count too: they still owe a reply.
+        // Refused requests do not count: their error reply is written as they are decoded.
         let refused = machine.received(NBDRequest(type: 42, flags: [], cookie: 4, offset: 0, length: 0))
         #expect(refused.rejection != nil)
+        #expect(machine.inFlight == 3)
+        #expect(!machine.shouldPauseReading)
+        _ = machine.received(Self.read(5))
         #expect(machine.inFlight == 4)
         #expect(machine.shouldPauseReading)
         #expect(machine.completed(cost: 512) == .none)  // 3 in flight
