@@ -20,9 +20,10 @@ struct TLSFiles {
 
     static let clientSubject = "CN=tidemark-client,O=Tidemark"
 
-    init(in directory: TestDirectory) throws {
+    init(in directory: TestDirectory, serverHosts: [String] = []) throws {
         self.directory = directory
-        try ControlPrograms.tidemark(["tls", "init", certificates, "--hosts", "localhost", "127.0.0.1"]).requireSuccess()
+        try ControlPrograms.tidemark(["tls", "init", certificates, "--hosts", "localhost", "127.0.0.1"] + serverHosts)
+            .requireSuccess()
         try ControlPrograms.tidemark(["tls", "init", stranger, "--organization", "Elsewhere"]).requireSuccess()
         try FileManager.default.createDirectory(atPath: pskDirectory, withIntermediateDirectories: true)
         try ExternalTool.check("psktool", ["-u", "alice", "-p", pskFile])
