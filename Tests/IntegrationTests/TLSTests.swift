@@ -179,6 +179,29 @@ struct TLSTests {
         try server.stop()
     }
 
+    @Test("serve refuses TLS options that do not fit together or files that are missing, saying what to do")
+    func serveOptionErrors() throws {
+        let directory = try TestDirectory()
+        let image = directory.file("disk.img")
+        try ImageFile.createSparse(image, size: Self.mib)
+        let cases: [([String], String)] = [
+            (["--tls", "require"], "needs credentials"),
+            (["--tls-certificates", directory.path], "has no effect with --tls off"),
+            (["--tls", "require", "--tls-psk", directory.file("none.psk")], "none.psk: no such file"),
+            (["--tls", "require", "--tls-certificates", directory.path], "server-cert.pem: no such file (the server certificate)"),
+            (["--tls", "on", "--tls-psk", image, "--tls-verify-peer"], "--tls-verify-peer checks client certificates"),
+        ]
+        for (arguments, message) in cases {
+            let result = try ControlPrograms.tidemark(["serve", image, "--unix", directory.socketPath] + arguments)
+            #expect(!result.succeeded, "\(arguments) was accepted")
+            #expect(result.stderr.contains(message), "\(arguments): \(result.stderr)")
+        }
+        try Data("alice:zz\n".utf8).write(to: URL(fileURLWithPath: directory.file("bad.psk")))
+        let bad = try ControlPrograms.tidemark(
+            ["serve", image, "--unix", directory.socketPath, "--tls", "require", "--tls-psk", directory.file("bad.psk")])
+        #expect(bad.stderr.contains("bad.psk:1: key is not hexadecimal"), "\(bad)")
+    }
+
     @Test("nbdcopy over TLS copies the export byte-exact")
     func nbdcopy() throws {
         let directory = try TestDirectory()
