@@ -202,6 +202,30 @@ struct TLSTests {
         #expect(bad.stderr.contains("bad.psk:1: key is not hexadecimal"), "\(bad)")
     }
 
+    @Test("SIGHUP reloads the certificates: a broken file keeps the old ones and says so; an open TLS connection survives")
+    func reloadOnSIGHUP() throws {
+        let directory = try TestDirectory()
+        let files = try TLSFiles(in: directory)
+        let server = try serve(["--tls", "require", "--tls-certificates", files.certificates], files: files, in: directory)
+        let open = try NBDConnection(
+            NBDConnectionConfiguration(exportName: "disk", tls: NBDClientTLS(certificatesDirectory: files.certificates)))
+        try open.connect(unixSocket: directory.socketPath)
+        let certificate = files.certificates + "/server-cert.pem"
+        let good = try Data(contentsOf: URL(fileURLWithPath: certificate))
+        try Data("not a certificate".utf8).write(to: URL(fileURLWithPath: certificate))
+        kill(server.process.processIdentifier, SIGHUP)
+        #expect(server.waitForLog("TLS credentials not reloaded"), "\(server.serverLog)")
+        #expect(try TLSFiles.nbdinfoSize(TLSFiles.x509URI(socket: directory.socketPath, certificates: files.certificates)).succeeded)
+        try good.write(to: URL(fileURLWithPath: certificate))
+        kill(server.process.processIdentifier, SIGHUP)
+        #expect(server.waitForLog("TLS credentials reloaded"), "\(server.serverLog)")
+        #expect(try TLSFiles.nbdinfoSize(TLSFiles.x509URI(socket: directory.socketPath, certificates: files.certificates)).succeeded)
+        #expect(try open.pread(count: 512, offset: 0) == Array(ImageFile.pattern(count: 512, offset: 0, seed: 7)))
+        try open.shutdown()
+        #expect(server.isRunning)
+        try server.stop()
+    }
+
     @Test("nbdcopy over TLS copies the export byte-exact")
     func nbdcopy() throws {
         let directory = try TestDirectory()
