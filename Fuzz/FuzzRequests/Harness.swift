@@ -1,6 +1,8 @@
 // libFuzzer harness: the transmission phase — NBDRequestDecoder and TransmissionStateMachine.
 //
 // Input: [session byte][limits byte][8-byte split seed][client → server request stream].
+// Bit 4 of the limits byte picks extended headers (32-byte requests, 64-bit lengths,
+// NBD_CMD_FLAG_PAYLOAD_LEN) instead of compact ones.
 // The stream is decoded twice, whole and cut at seed-chosen points, with the same results.
 // Every decoded request re-encodes to exactly the bytes it came from (header and WRITE
 // payload); `bytesMissing` never claims a message is complete when it is not; every
@@ -11,10 +13,10 @@ import FuzzSupport
 import NBDProtocol
 import NIOCore
 
-func session(_ config: UInt8) -> NBDSession {
+func session(_ config: UInt8, framing: NBDFraming) -> NBDSession {
     let sizes: [UInt64] = [1000, 1 << 30, 64 << 20, UInt64.max & ~511]
     let blockSizes: [UInt32] = [1, 512, 4096, 512]
-    let structured = config & 1 != 0
+    let structured = config & 1 != 0 || framing == .extended
     let readOnly = config & 2 != 0
     let summary = NBDExportSummary(
         name: "disk", description: "", size: sizes[Int(config >> 4) & 3], isReadOnly: readOnly,
@@ -23,20 +25,27 @@ func session(_ config: UInt8) -> NBDSession {
         exportName: "disk", size: summary.size, transmissionFlags: summary.transmissionFlags(structuredReplies: structured),
         structuredReplies: structured,
         metaContexts: config & 8 != 0 && structured ? [NBDSelectedContext(id: 1, name: "base:allocation")] : [],
-        minimumBlockSize: summary.minimumBlockSize, enforcesBlockSize: config & 4 != 0)
+        minimumBlockSize: summary.minimumBlockSize, enforcesBlockSize: config & 4 != 0, framing: framing)
 }
 
-func encode(_ request: NBDRequest) -> [UInt8] {
+func encode(_ request: NBDRequest, framing: NBDFraming) -> [UInt8] {
     var buffer = ByteBuffer()
-    buffer.writeMultipleIntegers(
-        NBDMagic.request, request.flags.rawValue, request.type, request.cookie, request.offset, request.length)
+    switch framing {
+    case .compact:
+        buffer.writeMultipleIntegers(
+            NBDMagic.request, request.flags.rawValue, request.type, request.cookie, request.offset,
+            UInt32(truncatingIfNeeded: request.length))
+    case .extended:
+        buffer.writeMultipleIntegers(
+            NBDMagic.extendedRequest, request.flags.rawValue, request.type, request.cookie, request.offset, request.length)
+    }
     if let payload = request.payload { buffer.writeImmutableBuffer(payload) }
     return Array(buffer.readableBytesView)
 }
 
 func checkDisposition(_ disposition: RequestDisposition, _ request: NBDRequest, _ session: NBDSession) {
-    func inBounds(_ offset: UInt64, _ length: UInt32) {
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
+    func inBounds(_ offset: UInt64, _ length: UInt64) {
+        let (end, overflow) = offset.addingReportingOverflow(length)
         require(!overflow && end <= session.size, "request \(offset)+\(length) past the end \(session.size)")
         if session.enforcesBlockSize && session.minimumBlockSize > 1 {
             require(offset % UInt64(session.minimumBlockSize) == 0, "unaligned offset let through")
@@ -53,11 +62,11 @@ func checkDisposition(_ disposition: RequestDisposition, _ request: NBDRequest, 
         switch command {
         case .read(let offset, let length, _):
             require(request.type == 0 && length <= NBDLimits.maximumPayload, "bad READ")
-            inBounds(offset, length)
+            inBounds(offset, UInt64(length))
         case .write(let offset, let payload, _):
             require(request.type == 1 && !session.isReadOnly, "WRITE let through")
             require(payload.readableBytes == Int(request.length) && !request.payloadDiscarded, "WRITE payload size")
-            inBounds(offset, UInt32(payload.readableBytes))
+            inBounds(offset, UInt64(payload.readableBytes))
         case .flush:
             require(request.type == 3 && request.offset == 0 && request.length == 0, "bad FLUSH")
         case .trim(let offset, let length, _):
@@ -79,11 +88,13 @@ func checkDisposition(_ disposition: RequestDisposition, _ request: NBDRequest, 
 }
 
 func drive(_ pieces: [[UInt8]], stream: [UInt8], config: UInt8, limits: UInt8, seed: UInt64) -> [String] {
-    let session = session(config)
+    let framing: NBDFraming = limits & 0x10 != 0 ? .extended : .compact
+    let headerSize = framing.requestHeaderSize
+    let session = session(config, framing: framing)
     var machine = TransmissionStateMachine(
         session: session, maximumInFlight: [1, 2, 16, 128][Int(limits & 3)],
         maximumBytesInFlight: [4096, 1 << 20, 32 << 20, 1][Int(limits >> 2) & 3])
-    var decoder = NBDRequestDecoder()
+    var decoder = NBDRequestDecoder(framing: framing)
     var buffer = ByteBuffer()
     var events: [String] = []
     var position = 0  // where the next request starts in `stream`
@@ -119,7 +130,7 @@ func drive(_ pieces: [[UInt8]], stream: [UInt8], config: UInt8, limits: UInt8, s
                 case .badMagic(let magic):
                     require(stream.count >= position + 4, "bad magic past the end")
                     let expected = stream[position..<(position + 4)].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
-                    require(magic == expected && magic != NBDMagic.request, "bad magic \(magic) is not the stream's")
+                    require(magic == expected && magic != framing.requestMagic, "bad magic \(magic) is not the stream's")
                 case .payloadTooLarge(let length):
                     require(length > NBDLimits.maximumDrainedPayload, "refused a drainable payload")
                 }
@@ -127,19 +138,26 @@ func drive(_ pieces: [[UInt8]], stream: [UInt8], config: UInt8, limits: UInt8, s
                 stopped = true
             case .request(let request):
                 if let missing { require(missing == 0, "request decoded though \(missing) bytes were missing") }
-                let encoded = encode(request)
+                let encoded = encode(request, framing: framing)
                 require(stream.count >= position + encoded.count, "request past the stream")
-                require(Array(stream[position..<(position + NBDRequest.headerSize)]) == Array(encoded.prefix(NBDRequest.headerSize)),
+                require(Array(stream[position..<(position + headerSize)]) == Array(encoded.prefix(headerSize)),
                         "re-encoded header differs")
                 if request.type == NBDCommandType.write.rawValue {
                     require(request.payloadDiscarded == (request.length > NBDLimits.maximumPayload), "discard flag")
                     if !request.payloadDiscarded {
                         require(Array(stream[position..<(position + encoded.count)]) == encoded, "re-encoded WRITE differs")
                     }
-                    position += NBDRequest.headerSize + Int(request.length)
+                    position += headerSize + Int(request.length)
+                } else if case .unexpectedPayload(let length) = request.defect {
+                    // Extended headers: a payload on a command without one, drained.
+                    require(framing == .extended && request.flags.contains(.payloadLength) && length == request.length,
+                            "drained payload \(length) without PAYLOAD_LEN")
+                    require(request.payload == nil, "payload kept on a non-WRITE")
+                    position += headerSize + Int(length)
                 } else {
                     require(request.payload == nil, "payload on a non-WRITE")
-                    position += NBDRequest.headerSize
+                    require(framing == .compact || !request.flags.contains(.payloadLength), "PAYLOAD_LEN payload not drained")
+                    position += headerSize
                 }
                 let disposition = machine.received(request)
                 checkDisposition(disposition, request, session)

@@ -24,11 +24,24 @@ public final class PointInTimeView: Sendable {
         /// Granules whose old content is in the sidecar.
         var preserved: GranuleSet
         var preservedCount = 0
-        /// Copies in progress, so closing waits for them before deleting the sidecar.
+        /// Copies in progress: the sidecar is deleted only when none is left.
         var copying = 0
         var active = false
         var closed = false
         var failure: StorageError?
+        /// Threads sleeping until granules being copied are preserved.
+        var sleepers = 0
+        /// The sidecar's space was returned and the file deleted (after `close`, by
+        /// whoever saw the last copy end).
+        var sidecarReleased = false
+
+        /// True when the sidecar may go now: closed, no copy left, not yet released. Marks
+        /// it released, so exactly one caller deletes it.
+        mutating func takeSidecarRelease() -> Bool {
+            guard closed, copying == 0, !sidecarReleased else { return false }
+            sidecarReleased = true
+            return true
+        }
 
         /// Why reads cannot be served, if they cannot.
         var unavailability: StorageError? {
@@ -43,6 +56,8 @@ public final class PointInTimeView: Sendable {
     public let sidecarPath: String?
     private let sidecar: RawImage?
     private let state: Mutex<State>
+    /// Wakes threads waiting for another writer's copy.
+    private let copied = PreservationSignal()
 
     public var size: UInt64 { image.size }
 
@@ -83,10 +98,26 @@ public final class PointInTimeView: Sendable {
     public var isActive: Bool { state.withLock { $0.active } }
 
     /// Ends the view: later reads fail, copies stop, and the sidecar's space is returned
-    /// and the file deleted once copies in progress finish.
+    /// and the file deleted: at once when no copy is in progress, otherwise by the writer
+    /// whose copy ends last. Never waits.
     public func close() {
-        state.withLock { $0.closed = true }
-        while state.withLock({ $0.copying > 0 }) { usleep(50) }
+        settle { $0.closed = true }
+    }
+
+    /// Applies a change that may end a wait or make the sidecar's deletion due (a copy
+    /// ended, the view broke or closed), then wakes the sleepers and deletes the sidecar
+    /// if so.
+    private func settle(_ change: (inout State) -> Void) {
+        let (release, wake) = state.withLock { state in
+            change(&state)
+            return (state.takeSidecarRelease(), state.sleepers > 0)
+        }
+        if wake { copied.wakeAll() }
+        if release { releaseSidecar() }
+    }
+
+    /// Returns the sidecar's space and deletes the file (once, after `close`).
+    private func releaseSidecar() {
         guard let sidecar, let sidecarPath else { return }
         try? sidecar.discard(at: 0, length: sidecar.size)
         unlink(sidecarPath)
@@ -151,13 +182,13 @@ public final class PointInTimeView: Sendable {
             do throws(StorageError) {
                 try copy(runs, into: sidecar)
             } catch {
-                state.withLock { state in
+                settle { state in
                     state.failure = state.failure ?? .viewUnavailable(reason: "copy-before-write failed: \(error)")
                     state.copying -= 1
                 }
                 throw error
             }
-            state.withLock { state in
+            settle { state in
                 for run in runs {
                     for index in run { state.preserved.insert(index) }
                     state.preservedCount += run.count
@@ -186,16 +217,25 @@ public final class PointInTimeView: Sendable {
         }
     }
 
-    /// Waits for granules other writers are copying (copies take microseconds to
-    /// milliseconds; a closed or broken view stops the wait).
+    /// Sleeps until granules other writers are copying are preserved (copies take
+    /// microseconds to milliseconds; a closed or broken view ends the wait). Pool threads
+    /// only: the event loop's reads return "not cached" instead of waiting.
     private func waitUntilPreserved(_ range: ClosedRange<Int>) {
-        while true {
-            let done = state.withLock { state in
-                state.unavailability != nil || state.preserved.containsAll(range)
-            }
-            if done { return }
-            usleep(20)
-        }
+        var sleeping = false
+        copied.sleep(
+            until: {
+                state.withLock { state in
+                    if state.unavailability != nil || state.preserved.containsAll(range) { return true }
+                    if !sleeping {
+                        state.sleepers += 1
+                        sleeping = true
+                    }
+                    return false
+                }
+            },
+            leave: {
+                if sleeping { state.withLock { $0.sleepers -= 1 } }
+            })
     }
 
     // MARK: - Reads

@@ -7,6 +7,8 @@
 #include <linux/fs.h>
 #include <linux/loop.h>
 #include <malloc.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -148,4 +150,35 @@ int clinuxio_loop_status(int fd, uint64_t *device, uint64_t *inode, uint64_t *of
     *offset = info.lo_offset;
     *sizelimit = info.lo_sizelimit;
     return 0;
+}
+
+struct clinuxio_sleeper {
+    pthread_mutex_t mutex;
+    pthread_cond_t condition;
+};
+
+clinuxio_sleeper *clinuxio_sleeper_new(void) {
+    clinuxio_sleeper *sleeper = malloc(sizeof *sleeper);
+    if (sleeper == NULL) abort();
+    pthread_mutex_init(&sleeper->mutex, NULL);
+    pthread_cond_init(&sleeper->condition, NULL);
+    return sleeper;
+}
+
+void clinuxio_sleeper_free(clinuxio_sleeper *sleeper) {
+    pthread_cond_destroy(&sleeper->condition);
+    pthread_mutex_destroy(&sleeper->mutex);
+    free(sleeper);
+}
+
+void clinuxio_sleeper_lock(clinuxio_sleeper *sleeper) { pthread_mutex_lock(&sleeper->mutex); }
+
+void clinuxio_sleeper_unlock(clinuxio_sleeper *sleeper) { pthread_mutex_unlock(&sleeper->mutex); }
+
+void clinuxio_sleeper_wait(clinuxio_sleeper *sleeper) { pthread_cond_wait(&sleeper->condition, &sleeper->mutex); }
+
+void clinuxio_sleeper_wake_all(clinuxio_sleeper *sleeper) {
+    pthread_mutex_lock(&sleeper->mutex);
+    pthread_cond_broadcast(&sleeper->condition);
+    pthread_mutex_unlock(&sleeper->mutex);
 }

@@ -69,10 +69,8 @@ public final class DirtyTracker: Sendable {
     private let journalFsyncCount = Atomic<UInt64>(0)
     /// Serialises saves.
     private let saveLock = Mutex<Void>(())
-    /// Modifications in flight that began in an even or an odd write epoch. Two counters
-    /// suffice: operations are serialised and each drains its epoch before the next.
-    private let inFlightEven = Atomic<Int>(0)
-    private let inFlightOdd = Atomic<Int>(0)
+    /// Modifications in flight per write epoch; operations wait on it for their epoch.
+    private let inFlight = ModificationsInFlight()
     /// Serialises management operations, so at most two epochs have writes in flight.
     private let operationLock = Mutex<Void>(())
 
@@ -142,7 +140,7 @@ public final class DirtyTracker: Sendable {
     public func willModify(offset: UInt64, length: UInt64) -> Modification {
         state.withLock { state -> Modification in
             let epoch = state.writeEpoch
-            adjustInFlight(epoch: epoch, by: 1)
+            inFlight.begin(epoch: epoch)
             state.rollbackWindow?.markDirty(offset: offset, length: length)
             guard length > 0, !state.bitmaps.isEmpty else { return Modification(epoch: epoch, journalRegions: nil) }
             for index in state.bitmaps.indices where state.bitmaps[index].recording {
@@ -163,7 +161,7 @@ public final class DirtyTracker: Sendable {
 
     /// The modification's data is written (or its write failed).
     public func didModify(_ modification: Modification) {
-        adjustInFlight(epoch: modification.epoch, by: -1)
+        inFlight.end(epoch: modification.epoch)
     }
 
     /// The whole write-path protocol at once, for callers that write synchronously
@@ -175,24 +173,9 @@ public final class DirtyTracker: Sendable {
         try write()
     }
 
-    private func adjustInFlight(epoch: UInt64, by delta: Int) {
-        if epoch & 1 == 0 {
-            inFlightEven.wrappingAdd(delta, ordering: .sequentiallyConsistent)
-        } else {
-            inFlightOdd.wrappingAdd(delta, ordering: .sequentiallyConsistent)
-        }
-    }
-
-    /// Waits until every modification begun in `epoch` has finished, so a management
-    /// operation is atomic with respect to writes: a write whose bits it saw has landed.
-    private func drain(epoch: UInt64) {
-        while inFlight(epoch: epoch) > 0 { usleep(20) }
-    }
-
-    private func inFlight(epoch: UInt64) -> Int {
-        epoch & 1 == 0
-            ? inFlightEven.load(ordering: .sequentiallyConsistent) : inFlightOdd.load(ordering: .sequentiallyConsistent)
-    }
+    /// Modifications begun in `epoch` that have not finished (`didModify`). Zero for the
+    /// epoch a management operation ended, once that operation has returned.
+    public func modificationsInFlight(epoch: UInt64) -> Int { inFlight.count(epoch: epoch) }
 
     /// Makes the journal record of `regions` durable (group commit: concurrent callers
     /// for the same regions wait for one fsync). Blocking: call off the event loop.
@@ -364,8 +347,9 @@ public final class DirtyTracker: Sendable {
                 }
             }
             // Writes marked before the operations must land before anyone acts on them
-            // (reads an increment's data, opens a view of the instant).
-            drain(epoch: epoch)
+            // (reads an increment's data, opens a view of the instant). Sleeps, off the
+            // event loops, until the last of them calls `didModify`.
+            inFlight.drain(epoch: epoch)
             guard touchedPersistent else { return }
             do throws(BitmapError) {
                 try saveHoldingLock(cleanShutdown: false)

@@ -33,6 +33,9 @@ public enum HandshakeFailure: Error, Equatable, CustomStringConvertible {
     /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires TLS: the option has no
     /// error reply, so the spec has the server close.
     case exportNameBeforeTLS
+    /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated, which the spec forbids
+    /// (its reply could not say the framing changed); qemu's server drops such clients too.
+    case exportNameAfterExtendedHeaders
 
     public var description: String {
         switch self {
@@ -45,6 +48,7 @@ public enum HandshakeFailure: Error, Equatable, CustomStringConvertible {
         case .unknownExport(let name): return "NBD_OPT_EXPORT_NAME asked for unknown export '\(name)'"
         case .invalidExportName: return "NBD_OPT_EXPORT_NAME with an invalid name"
         case .exportNameBeforeTLS: return "NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS"
+        case .exportNameAfterExtendedHeaders: return "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS"
         }
     }
 }
@@ -66,6 +70,9 @@ public struct HandshakeStateMachine {
     private var state: State = .awaitingClientFlags
     private var clientFlags: NBDClientFlags = []
     private var structuredReplies = false
+    /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged: 32-byte headers in transmission. It
+    /// implies structured replies and takes precedence over them.
+    private var extendedHeaders = false
     private var selectedContexts: [NBDSelectedContext] = []
     private var contextsExport: String?
     private var optionCount = 0
@@ -73,6 +80,7 @@ public struct HandshakeStateMachine {
     private let tlsPolicy: NBDTLSPolicy
     /// Whether TLS is up on this connection (STARTTLS succeeded and `tlsEstablished()`).
     public private(set) var tlsActive = false
+    private let offersExtendedHeaders: Bool
     private var pendingRefusal: HandshakeRefusal?
 
     /// `offersStructuredReplies: false` answers `NBD_OPT_STRUCTURED_REPLY` with
@@ -81,10 +89,16 @@ public struct HandshakeStateMachine {
     /// Metadata contexts (block status, dirty bitmaps) need structured replies and are
     /// then refused.
     ///
+    /// `offersExtendedHeaders: false` answers `NBD_OPT_EXTENDED_HEADERS` with
+    /// `NBD_REP_ERR_UNSUP`, as a server without them: qemu ≥ 8.2 and libnbd ≥ 1.18 then
+    /// fall back to compact headers. Without structured replies there are no extended
+    /// headers either (they imply them).
+    ///
     /// `tls` says whether `NBD_OPT_STARTTLS` is accepted and whether anything else is
     /// answered before it (see `NBDTLSPolicy`).
-    public init(offersStructuredReplies: Bool = true, tls: NBDTLSPolicy = .unavailable) {
+    public init(offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true, tls: NBDTLSPolicy = .unavailable) {
         self.offersStructuredReplies = offersStructuredReplies
+        self.offersExtendedHeaders = offersExtendedHeaders && offersStructuredReplies
         self.tlsPolicy = tls
     }
 
@@ -101,6 +115,7 @@ public struct HandshakeStateMachine {
     /// structured-reply option injected before STARTTLS and honoured after it).
     private mutating func resetNegotiation() {
         structuredReplies = false
+        extendedHeaders = false
         selectedContexts = []
         contextsExport = nil
     }
@@ -218,6 +233,10 @@ public struct HandshakeStateMachine {
                 OptionReplyWriter.error(
                     option, NBDOptionReply.errorUnsupported, "structured replies are turned off on this server",
                     into: &output)
+            } else if extendedHeaders {
+                OptionReplyWriter.error(
+                    option, NBDOptionReply.errorExtendedHeaderRequired,
+                    "extended headers are already negotiated and take precedence", into: &output)
             } else if structuredReplies {
                 OptionReplyWriter.error(
                     option, NBDOptionReply.errorInvalid, "structured replies already negotiated", into: &output)
@@ -227,10 +246,31 @@ public struct HandshakeStateMachine {
             }
         case NBDOption.listMetaContext, NBDOption.setMetaContext:
             handleMetaContext(option, &data, catalog: catalog, output: &output)
+        case NBDOption.extendedHeaders:
+            handleExtendedHeaders(data, output: &output)
         default:
             OptionReplyWriter.error(option, NBDOptionReply.errorUnsupported, "\(NBDNames.option(option)) is not supported", into: &output)
         }
         return .continueNegotiating
+    }
+
+    // MARK: - EXTENDED_HEADERS
+
+    private mutating func handleExtendedHeaders(_ data: ByteBuffer, output: inout ByteBuffer) {
+        let option = NBDOption.extendedHeaders
+        if !offersExtendedHeaders {
+            // As a server that does not know the option: unsupported, whatever it carries.
+            OptionReplyWriter.error(
+                option, NBDOptionReply.errorUnsupported, "extended headers are turned off on this server", into: &output)
+        } else if data.readableBytes > 0 {
+            OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "extended headers take no data", into: &output)
+        } else if extendedHeaders {
+            // As qemu's server: a repeat is invalid; the headers stay negotiated.
+            OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "extended headers already negotiated", into: &output)
+        } else {
+            extendedHeaders = true
+            OptionReplyWriter.ack(option, into: &output)
+        }
     }
 
     // MARK: - EXPORT_NAME
@@ -239,6 +279,7 @@ public struct HandshakeStateMachine {
         _ data: ByteBuffer, catalog: some NBDExportCatalog, output: inout ByteBuffer
     ) -> HandshakeAction {
         state = .finished
+        guard !extendedHeaders else { return .close(.exportNameAfterExtendedHeaders) }
         guard let name = Self.decodeString(data, length: data.readableBytes) else {
             return .close(.invalidExportName)
         }
@@ -343,11 +384,12 @@ public struct HandshakeStateMachine {
         NBDSession(
             exportName: summary.name,
             size: summary.size,
-            transmissionFlags: summary.transmissionFlags(structuredReplies: structuredReplies),
-            structuredReplies: structuredReplies,
+            transmissionFlags: summary.transmissionFlags(structuredReplies: structuredReplies || extendedHeaders),
+            structuredReplies: structuredReplies || extendedHeaders,
             metaContexts: contextsExport == summary.name ? selectedContexts : [],
             minimumBlockSize: summary.minimumBlockSize,
-            enforcesBlockSize: enforcesBlockSize
+            enforcesBlockSize: enforcesBlockSize,
+            framing: extendedHeaders ? .extended : .compact
         )
     }
 
@@ -366,9 +408,10 @@ public struct HandshakeStateMachine {
             OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "malformed meta context request", into: &output)
             return
         }
-        if isSet && !structuredReplies {
+        if isSet && !structuredReplies && !extendedHeaders {
             OptionReplyWriter.error(
-                option, NBDOptionReply.errorInvalid, "structured replies must be negotiated first", into: &output)
+                option, NBDOptionReply.errorInvalid, "structured replies or extended headers must be negotiated first",
+                into: &output)
             return
         }
         guard parsed.queries.count <= MetaContextRequest.maximumQueries else {

@@ -8,10 +8,14 @@ public enum NBDMagic {
     public static let optionReply: UInt64 = 0x0003_e889_0455_65a9
     /// Prefix of every compact transmission request.
     public static let request: UInt32 = 0x2560_9513
+    /// Prefix of every transmission request once extended headers are negotiated.
+    public static let extendedRequest: UInt32 = 0x21e4_1c71
     /// Prefix of a simple reply.
     public static let simpleReply: UInt32 = 0x6744_6698
     /// Prefix of a structured reply chunk.
     public static let structuredReply: UInt32 = 0x668e_33ef
+    /// Prefix of every reply chunk once extended headers are negotiated.
+    public static let extendedReply: UInt32 = 0x6e8a_278c
 }
 
 /// Handshake flags the server sends in its greeting.
@@ -60,6 +64,9 @@ public enum NBDOptionReply {
     public static let errorShutdown: UInt32 = 0x8000_0007
     public static let errorBlockSizeRequired: UInt32 = 0x8000_0008
     public static let errorTooBig: UInt32 = 0x8000_0009
+    /// Extended headers are needed, or (for STRUCTURED_REPLY) already negotiated and taking
+    /// precedence.
+    public static let errorExtendedHeaderRequired: UInt32 = 0x8000_000A
 }
 
 /// Information types carried in `NBD_REP_INFO`.
@@ -86,6 +93,8 @@ public struct NBDTransmissionFlags: OptionSet, Sendable, Hashable {
     public static let sendResize = NBDTransmissionFlags(rawValue: 1 << 9)
     public static let sendCache = NBDTransmissionFlags(rawValue: 1 << 10)
     public static let sendFastZero = NBDTransmissionFlags(rawValue: 1 << 11)
+    /// BLOCK_STATUS accepts a payload naming the context ids to answer (extended headers only).
+    public static let blockStatusPayload = NBDTransmissionFlags(rawValue: 1 << 12)
 }
 
 /// Command types of the transmission phase.
@@ -109,6 +118,8 @@ public struct NBDCommandFlags: OptionSet, Sendable, Hashable {
     public static let dontFragment = NBDCommandFlags(rawValue: 1 << 2)
     public static let requestOne = NBDCommandFlags(rawValue: 1 << 3)
     public static let fastZero = NBDCommandFlags(rawValue: 1 << 4)
+    /// Extended headers only: the header length is a payload length (mandatory on WRITE).
+    public static let payloadLength = NBDCommandFlags(rawValue: 1 << 5)
 }
 
 /// Error values sent in replies (the protocol's own errno space).
@@ -129,6 +140,8 @@ public enum NBDChunkType {
     public static let offsetData: UInt16 = 1
     public static let offsetHole: UInt16 = 2
     public static let blockStatus: UInt16 = 5
+    /// Block status with 64-bit extent lengths and status (extended headers only).
+    public static let blockStatusExtended: UInt16 = 6
     public static let error: UInt16 = 0x8001
     public static let errorOffset: UInt16 = 0x8002
     /// Flag on the final chunk of a reply.
@@ -141,6 +154,9 @@ public enum NBDLimits {
     public static let maximumString = 4096
     /// Largest READ/WRITE payload the server advertises.
     public static let maximumPayload: UInt32 = 32 << 20
+    /// Largest effect length an extended request may carry (lengths past 2^63 - 1 are refused:
+    /// no export, offset arithmetic or client API reaches them).
+    public static let maximumEffectLength: UInt64 = UInt64(Int64.max)
     /// WRITE payloads up to this size are drained and refused; larger ones end the connection.
     public static let maximumDrainedPayload: UInt32 = 64 << 20
     /// Preferred I/O size advertised to clients.

@@ -11,18 +11,22 @@ public struct NBDReadReply: Sendable {
     public let length: UInt32
     /// Structured replies were negotiated: data goes in chunks and holes may be sent.
     public let structured: Bool
+    /// Compact or extended chunk headers (extended implies structured).
+    public let framing: NBDFraming
 
-    public init(cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool) {
+    public init(cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool, framing: NBDFraming = .compact) {
         self.cookie = cookie
         self.offset = offset
         self.length = length
-        self.structured = structured
+        self.structured = structured || framing == .extended
+        self.framing = framing
     }
 
     /// Bytes the reply takes at most when the range is cut into `runs` runs, so the
     /// caller sizes its buffer in one allocation.
+    @inlinable
     public func capacity(runs: Int) -> Int {
-        Int(length) + NBDReplyEncoder.offsetDataHeaderSize * (runs + 1)
+        Int(length) + NBDReplyEncoder.offsetDataHeaderSize(framing) * (runs + 1)
     }
 
     /// Appends the reply to `buffer`.
@@ -34,22 +38,28 @@ public struct NBDReadReply: Sendable {
     ///     returns true, or returns false (having appended nothing) to stop.
     /// - Returns: false when `appendData` stopped; the buffer then holds a partial reply
     ///   the caller must cut off (``NBDReadReply`` writes no error on its behalf).
+    /// Inlinable so the caller's closure and run type are specialized into the READ path.
+    @inlinable
     public func write<Runs: Collection>(
         runs: Runs?, into buffer: inout ByteBuffer,
         appendData: (_ buffer: inout ByteBuffer, _ count: Int, _ position: UInt64) -> Bool
     ) -> Bool where Runs.Element == (length: UInt64, isHole: Bool) {
         if length == 0 {
             if structured {
-                NBDReplyEncoder.writeChunkHeader(cookie: cookie, type: NBDChunkType.none, done: true, length: 0, into: &buffer)
+                NBDReplyEncoder.writeChunkHeader(
+                    cookie: cookie, type: NBDChunkType.none, done: true, length: 0, framing: framing, requestOffset: offset,
+                    into: &buffer)
             } else {
                 NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
             }
             return true
         }
         guard structured, let runs, runs.contains(where: \.isHole) else {
-            buffer.reserveCapacity(minimumWritableBytes: NBDReplyEncoder.offsetDataHeaderSize + Int(length))
+            buffer.reserveCapacity(minimumWritableBytes: NBDReplyEncoder.offsetDataHeaderSize(framing) + Int(length))
             if structured {
-                NBDReplyEncoder.writeOffsetDataHeader(cookie: cookie, offset: offset, length: length, done: true, into: &buffer)
+                NBDReplyEncoder.writeOffsetDataHeader(
+                    cookie: cookie, offset: offset, length: length, done: true, framing: framing, requestOffset: offset,
+                    into: &buffer)
             } else {
                 NBDReplyEncoder.writeSimpleReply(cookie: cookie, error: 0, into: &buffer)
             }
@@ -71,10 +81,13 @@ public struct NBDReadReply: Sendable {
             guard runLength > 0 else { continue }
             let isLast = position + UInt64(runLength) == end
             if run.isHole {
-                NBDReplyEncoder.writeOffsetHole(cookie: cookie, offset: position, length: runLength, done: isLast, into: &buffer)
+                NBDReplyEncoder.writeOffsetHole(
+                    cookie: cookie, offset: position, length: runLength, done: isLast, framing: framing,
+                    requestOffset: offset, into: &buffer)
             } else {
                 NBDReplyEncoder.writeOffsetDataHeader(
-                    cookie: cookie, offset: position, length: runLength, done: isLast, into: &buffer)
+                    cookie: cookie, offset: position, length: runLength, done: isLast, framing: framing,
+                    requestOffset: offset, into: &buffer)
                 guard appendData(&buffer, Int(runLength), position) else { return false }
             }
             position += UInt64(runLength)
@@ -87,6 +100,6 @@ public struct NBDReadReply: Sendable {
     public func writeError(_ error: NBDError, message: String, into buffer: inout ByteBuffer) {
         NBDReplyEncoder.writeError(
             cookie: cookie, command: NBDCommandType.read.rawValue, error: error, message: message,
-            structured: structured, into: &buffer)
+            structured: structured, framing: framing, requestOffset: offset, into: &buffer)
     }
 }

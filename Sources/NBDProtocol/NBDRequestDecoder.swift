@@ -1,12 +1,21 @@
 import NIOCore
 
-/// Splits the transmission byte stream into requests.
+/// Splits the transmission byte stream into requests, in the connection's framing.
 ///
 /// WRITE payloads up to the advertised maximum come out as zero-copy slices of the input.
 /// Larger ones, up to `NBDLimits.maximumDrainedPayload`, are consumed as they arrive
 /// without being buffered, and the request is marked `payloadDiscarded` so it can be
 /// refused with EINVAL while the stream stays in sync. Anything larger, or a bad magic,
 /// ends the connection: the stream cannot be trusted after that.
+///
+/// With extended headers the header length is 64 bits and `NBD_CMD_FLAG_PAYLOAD_LEN` says
+/// whether it counts payload bytes (which then follow) or the command's effect. A payload
+/// on a command that takes none is read and dropped, then refused; effect lengths past
+/// 2^63 - 1 are refused; both with `NBD_EINVAL` (as ``NBDRequest/defect``), and the
+/// connection goes on. A WRITE's length is its payload's with or without the flag: the
+/// spec makes the flag mandatory there, but qemu 10's client leaves it out and sends the
+/// data all the same, and qemu's own server takes it (it only traces the lapse); refusing
+/// would break every qemu write, and reading no payload would lose the stream.
 public struct NBDRequestDecoder {
     /// What one decoding step produced.
     public enum Result {
@@ -16,21 +25,53 @@ public struct NBDRequestDecoder {
         case protocolViolation(RequestFramingError)
     }
 
+    /// The header layout requests arrive in.
+    public let framing: NBDFraming
     private var draining: (request: NBDRequest, remaining: Int)?
 
-    public init() {}
+    public init(framing: NBDFraming = .compact) {
+        self.framing = framing
+    }
+
+    /// The fields of the header at the front of `buffer`, lengths widened to 64 bits.
+    private func header(in buffer: ByteBuffer) -> (magic: UInt32, flags: UInt16, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt64)? {
+        switch framing {
+        case .compact:
+            guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
+                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
+            else { return nil }
+            return (magic, flags, type, cookie, offset, UInt64(length))
+        case .extended:
+            guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
+                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt64).self)
+            else { return nil }
+            return (magic, flags, type, cookie, offset, length)
+        }
+    }
+
+    /// Payload bytes that follow a header: the WRITE length, and in extended framing also
+    /// the length of any other command flagged `NBD_CMD_FLAG_PAYLOAD_LEN`.
+    private func payloadLength(type: UInt16, flags: UInt16, length: UInt64) -> UInt64 {
+        if type == NBDCommandType.write.rawValue { return length }
+        switch framing {
+        case .compact:
+            return 0
+        case .extended:
+            return flags & NBDCommandFlags.payloadLength.rawValue != 0 ? length : 0
+        }
+    }
 
     /// Bytes the decoder still needs before it can emit the request being read, if known.
     /// Lets the caller size its receive buffer for a large WRITE in one allocation.
     public func bytesNeeded(in buffer: ByteBuffer) -> Int? {
-        guard draining == nil,
-            let (magic, _, type, _, _, length) = buffer.getMultipleIntegers(
-                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self),
+        guard draining == nil, let header = header(in: buffer),
             // A header with a bad magic ends the connection: never reserve (or wait for) the
             // payload it claims.
-            magic == NBDMagic.request, type == NBDCommandType.write.rawValue, length <= NBDLimits.maximumPayload
+            header.magic == framing.requestMagic, header.type == NBDCommandType.write.rawValue
         else { return nil }
-        return NBDRequest.headerSize + Int(length)
+        let payload = payloadLength(type: header.type, flags: header.flags, length: header.length)
+        guard payload <= UInt64(NBDLimits.maximumPayload) else { return nil }
+        return framing.requestHeaderSize + Int(payload)
     }
 
     /// Bytes still to come before the message at the front of `buffer` can be decoded:
@@ -42,7 +83,8 @@ public struct NBDRequestDecoder {
     public func bytesMissing(in buffer: ByteBuffer) -> Int? {
         guard draining == nil else { return nil }
         let available = buffer.readableBytes
-        guard available >= NBDRequest.headerSize else { return NBDRequest.headerSize - available }
+        let headerSize = framing.requestHeaderSize
+        guard available >= headerSize else { return headerSize - available }
         guard let needed = bytesNeeded(in: buffer) else { return 0 }
         return max(0, needed - available)
     }
@@ -59,29 +101,40 @@ public struct NBDRequestDecoder {
             draining = (request, remaining - take)
             return .needMoreData
         }
-        guard
-            let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
-                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
-        else { return .needMoreData }
-        guard magic == NBDMagic.request else { return .protocolViolation(.badMagic(magic)) }
+        guard let header = header(in: buffer) else { return .needMoreData }
+        guard header.magic == framing.requestMagic else { return .protocolViolation(.badMagic(header.magic)) }
+        let headerSize = framing.requestHeaderSize
         var request = NBDRequest(
-            type: type, flags: NBDCommandFlags(rawValue: flags), cookie: cookie, offset: offset, length: length)
-        guard type == NBDCommandType.write.rawValue, length > 0 else {
-            buffer.moveReaderIndex(forwardBy: NBDRequest.headerSize)
+            type: header.type, flags: NBDCommandFlags(rawValue: header.flags), cookie: header.cookie,
+            offset: header.offset, length: header.length)
+        let isWrite = header.type == NBDCommandType.write.rawValue
+        let payload = payloadLength(type: header.type, flags: header.flags, length: header.length)
+        if framing == .extended && payload == 0 && header.length > NBDLimits.maximumEffectLength {
+            request.defect = .lengthTooLarge(header.length)
+        }
+        guard payload > 0 else {
+            buffer.moveReaderIndex(forwardBy: headerSize)
             return .request(request)
         }
-        if length > NBDLimits.maximumDrainedPayload {
-            return .protocolViolation(.payloadTooLarge(length))
+        if payload > UInt64(NBDLimits.maximumDrainedPayload) {
+            return .protocolViolation(.payloadTooLarge(payload))
         }
-        if length > NBDLimits.maximumPayload {
-            buffer.moveReaderIndex(forwardBy: NBDRequest.headerSize)
-            request.payloadDiscarded = true
-            draining = (request, Int(length))
+        if !isWrite {
+            // Only reachable with extended headers: no command but WRITE takes a payload here.
+            buffer.moveReaderIndex(forwardBy: headerSize)
+            request.defect = .unexpectedPayload(payload)
+            draining = (request, Int(payload))
             return decode(&buffer)
         }
-        guard buffer.readableBytes >= NBDRequest.headerSize + Int(length) else { return .needMoreData }
-        buffer.moveReaderIndex(forwardBy: NBDRequest.headerSize)
-        request.payload = buffer.readSlice(length: Int(length))
+        if payload > UInt64(NBDLimits.maximumPayload) {
+            buffer.moveReaderIndex(forwardBy: headerSize)
+            request.payloadDiscarded = true
+            draining = (request, Int(payload))
+            return decode(&buffer)
+        }
+        guard buffer.readableBytes >= headerSize + Int(payload) else { return .needMoreData }
+        buffer.moveReaderIndex(forwardBy: headerSize)
+        request.payload = buffer.readSlice(length: Int(payload))
         return .request(request)
     }
 }
@@ -89,12 +142,12 @@ public struct NBDRequestDecoder {
 /// Framing errors after which the request stream cannot be resynchronised.
 public enum RequestFramingError: Error, Equatable, CustomStringConvertible {
     case badMagic(UInt32)
-    case payloadTooLarge(UInt32)
+    case payloadTooLarge(UInt64)
 
     public var description: String {
         switch self {
         case .badMagic(let magic): return "bad request magic 0x\(String(magic, radix: 16))"
-        case .payloadTooLarge(let length): return "WRITE payload of \(length) bytes is too large to drain"
+        case .payloadTooLarge(let length): return "request payload of \(length) bytes is too large to drain"
         }
     }
 }

@@ -1,6 +1,6 @@
 import NIOCore
 
-/// One server connection's protocol, from greeting to close, as a plain value.
+/// One server connection's protocol, from greeting to close, sans IO.
 ///
 /// It composes the handshake machine, the request decoder and the transmission machine,
 /// and takes the connection's other events — a request's reply queued, a server stop, the
@@ -12,11 +12,18 @@ import NIOCore
 /// Room for what comes next is left in the types: a second request/reply framing
 /// (extended headers) is a property of the session the decoder and encoders read, and
 /// STARTTLS is one more ``ConnectionAction`` (swap the transport, then step again).
-public struct NBDServerConnection {
+///
+/// A class, not a value: the handler asks it several questions per request, and a large
+/// value held by the handler would be copied (with its strings and arrays retained) for
+/// each question asked across the module boundary. It is confined to the connection's
+/// event loop like the handler that owns it.
+public final class NBDServerConnection {
     /// Limits and offers fixed for the connection's life.
     public struct Configuration: Sendable {
         /// False answers `NBD_OPT_STRUCTURED_REPLY` with an error, as an old server would.
         public var offersStructuredReplies: Bool
+        /// False answers `NBD_OPT_EXTENDED_HEADERS` with an error, as a server without them.
+        public var offersExtendedHeaders: Bool
         /// Requests in flight at which reading pauses.
         public var maximumInFlight: Int
         /// READ and WRITE bytes in flight at which reading pauses.
@@ -25,10 +32,11 @@ public struct NBDServerConnection {
         public var tls: NBDTLSPolicy
 
         public init(
-            offersStructuredReplies: Bool = true, maximumInFlight: Int = 128, maximumBytesInFlight: UInt64 = 32 << 20,
-            tls: NBDTLSPolicy = .unavailable
+            offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true, maximumInFlight: Int = 128,
+            maximumBytesInFlight: UInt64 = 32 << 20, tls: NBDTLSPolicy = .unavailable
         ) {
             self.offersStructuredReplies = offersStructuredReplies
+            self.offersExtendedHeaders = offersExtendedHeaders
             self.maximumInFlight = maximumInFlight
             self.maximumBytesInFlight = maximumBytesInFlight
             self.tls = tls
@@ -64,7 +72,8 @@ public struct NBDServerConnection {
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
         self.handshake = HandshakeStateMachine(
-            offersStructuredReplies: configuration.offersStructuredReplies, tls: configuration.tls)
+            offersStructuredReplies: configuration.offersStructuredReplies,
+            offersExtendedHeaders: configuration.offersExtendedHeaders, tls: configuration.tls)
     }
 
     /// Whether the connection runs over TLS (STARTTLS, then ``tlsEstablished()``).
@@ -72,7 +81,7 @@ public struct NBDServerConnection {
 
     /// The TLS handshake that ``ConnectionAction/startTLS`` asked for is done and the
     /// client was accepted: negotiation resumes inside TLS, with nothing kept from before.
-    public mutating func tlsEstablished() {
+    public func tlsEstablished() {
         handshake.tlsEstablished()
     }
 
@@ -82,6 +91,8 @@ public struct NBDServerConnection {
     public var session: NBDSession? { transmission?.session }
     /// True until an export is chosen (or the connection ends first).
     public var isNegotiating: Bool { phase == .handshake }
+    /// True from the export's choice until the connection ends.
+    public var isInTransmission: Bool { phase == .transmission }
     public var isClosed: Bool { phase == .closed }
     /// Requests whose replies are not yet queued.
     public var inFlight: Int { transmission?.inFlight ?? 0 }
@@ -89,8 +100,8 @@ public struct NBDServerConnection {
     /// True while the server, not the client, keeps the next request out: requests in
     /// flight at the limit, a disconnect being drained, a stop.
     public var isHoldingInput: Bool {
-        guard phase == .transmission, let transmission else { return false }
-        return transmission.shouldPauseReading || isQuiescing
+        // Read through the optional in place: binding it would copy the session.
+        phase == .transmission && (isQuiescing || transmission?.shouldPauseReading == true)
     }
 
     /// Bytes still to come before the request at the front of `input` is complete (see
@@ -115,7 +126,7 @@ public struct NBDServerConnection {
 
     /// Consumes at most one message from `input`, writing any reply the protocol itself
     /// makes into `output`, and says what the handler must do.
-    public mutating func next(
+    public func next(
         _ input: inout ByteBuffer, catalog: some NBDExportCatalog, output: inout ByteBuffer
     ) -> ConnectionAction {
         switch phase {
@@ -128,7 +139,7 @@ public struct NBDServerConnection {
         }
     }
 
-    private mutating func negotiate(
+    private func negotiate(
         _ input: inout ByteBuffer, catalog: some NBDExportCatalog, output: inout ByteBuffer
     ) -> ConnectionAction {
         let action = handshake.process(&input, catalog: catalog, output: &output)
@@ -149,6 +160,7 @@ public struct NBDServerConnection {
             return .startTLS
         case .enterTransmission(let session):
             phase = .transmission
+            decoder = NBDRequestDecoder(framing: session.framing)
             transmission = TransmissionStateMachine(
                 session: session, maximumInFlight: configuration.maximumInFlight,
                 maximumBytesInFlight: configuration.maximumBytesInFlight)
@@ -156,7 +168,7 @@ public struct NBDServerConnection {
         }
     }
 
-    private mutating func nextRequest(_ input: inout ByteBuffer, output: inout ByteBuffer) -> ConnectionAction {
+    private func nextRequest(_ input: inout ByteBuffer, output: inout ByteBuffer) -> ConnectionAction {
         guard !isHoldingInput else { return .pauseReading }
         switch decoder.decode(&input) {
         case .needMoreData:
@@ -172,7 +184,8 @@ public struct NBDServerConnection {
             case .reject(let cookie, let command, let error, let message):
                 NBDReplyEncoder.writeError(
                     cookie: cookie, command: command, error: error, message: message,
-                    structured: transmission?.session.structuredReplies ?? false, into: &output)
+                    structured: transmission?.session.structuredReplies ?? false,
+                    framing: transmission?.session.framing ?? .compact, requestOffset: request.offset, into: &output)
                 return .refused(cookie: cookie, command: command, error: error, message: message)
             case .disconnect:
                 if inFlight == 0 {
@@ -187,7 +200,7 @@ public struct NBDServerConnection {
     // MARK: - Events
 
     /// A request's reply is queued; `cost` is what its ``ConnectionAction/execute(cookie:command:cost:)`` said.
-    public mutating func requestCompleted(cost: UInt64) -> CompletionAction {
+    public func requestCompleted(cost: UInt64) -> CompletionAction {
         guard phase == .transmission, let action = transmission?.completed(cost: cost) else { return .none }
         switch action {
         case .close:
@@ -204,7 +217,7 @@ public struct NBDServerConnection {
 
     /// The server is stopping. Returns the reason to close now, or nil while replies are
     /// still in flight (the last ``requestCompleted(cost:)`` then says close).
-    public mutating func quiesce() -> ConnectionCloseReason? {
+    public func quiesce() -> ConnectionCloseReason? {
         isQuiescing = true
         switch phase {
         case .closed:
@@ -221,7 +234,7 @@ public struct NBDServerConnection {
 
     /// The handshake deadline passed. Returns the reason to close when no export was
     /// chosen by then; nil when the connection is past negotiation.
-    public mutating func handshakeDeadlinePassed() -> ConnectionCloseReason? {
+    public func handshakeDeadlinePassed() -> ConnectionCloseReason? {
         guard phase == .handshake else { return nil }
         phase = .closed
         return .handshakeTimedOut
@@ -229,7 +242,7 @@ public struct NBDServerConnection {
 
     /// The connection ended for a reason outside the protocol (socket error, export
     /// removed, server fault): nothing more is decoded.
-    public mutating func connectionEnded() {
+    public func connectionEnded() {
         phase = .closed
     }
 }

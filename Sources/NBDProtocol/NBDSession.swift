@@ -31,11 +31,13 @@ public struct NBDSession: Sendable, Equatable {
     /// True when the client asked for block sizes in GO and so agreed to honour them:
     /// only then are unaligned requests refused.
     public var enforcesBlockSize: Bool
+    /// Compact or extended (`NBD_OPT_EXTENDED_HEADERS`) request and reply headers.
+    public var framing: NBDFraming
 
     public init(
         exportName: String, size: UInt64, transmissionFlags: NBDTransmissionFlags,
         structuredReplies: Bool, metaContexts: [NBDSelectedContext],
-        minimumBlockSize: UInt32, enforcesBlockSize: Bool
+        minimumBlockSize: UInt32, enforcesBlockSize: Bool, framing: NBDFraming = .compact
     ) {
         self.exportName = exportName
         self.size = size
@@ -44,6 +46,7 @@ public struct NBDSession: Sendable, Equatable {
         self.metaContexts = metaContexts
         self.minimumBlockSize = minimumBlockSize
         self.enforcesBlockSize = enforcesBlockSize
+        self.framing = framing
     }
 
     /// True for exports that refuse writes.

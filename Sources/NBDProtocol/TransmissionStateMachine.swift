@@ -105,6 +105,9 @@ public struct TransmissionStateMachine {
         guard allowed.isSuperset(of: flags) else {
             return reject(.invalid, "flags 0x\(String(flags.rawValue, radix: 16)) are not valid for this command")
         }
+        if let defect = request.defect {
+            return reject(.invalid, defect.description)
+        }
         let fua = flags.contains(.fua)
         let offset = request.offset
         let length = request.length
@@ -126,14 +129,16 @@ public struct TransmissionStateMachine {
                 return reject(.invalid, "request of \(length) bytes exceeds the maximum of \(NBDLimits.maximumPayload)")
             }
         }
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
+        // READ's length is a payload's (checked above), at most 32 bits.
+        let payloadLength = UInt32(truncatingIfNeeded: length)
+        let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || end > session.size {
             let error: NBDError = (type == .write || type == .writeZeroes) ? .noSpace : .invalid
             return reject(error, "range \(offset)+\(length) is beyond the end of the export (\(session.size) bytes)")
         }
         if session.enforcesBlockSize && session.minimumBlockSize > 1 {
             let alignment = UInt64(session.minimumBlockSize)
-            let lengthAligned = type == .blockStatus || UInt64(length) % alignment == 0 || end == session.size
+            let lengthAligned = type == .blockStatus || length % alignment == 0 || end == session.size
             if offset % alignment != 0 || !lengthAligned {
                 return reject(.invalid, "request is not aligned to the \(alignment)-byte minimum block size")
             }
@@ -142,7 +147,7 @@ public struct TransmissionStateMachine {
         switch type {
         case .read:
             return .execute(cookie: cookie, command: .read(
-                offset: offset, length: length, dontFragment: flags.contains(.dontFragment)))
+                offset: offset, length: payloadLength, dontFragment: flags.contains(.dontFragment)))
         case .write:
             var payload = request.payload ?? ByteBuffer()
             if payload.readableBytes != Int(length) {
@@ -183,7 +188,11 @@ public struct TransmissionStateMachine {
             return session.isReadOnly ? [.fua, .noHole] : [.fua, .noHole, .fastZero]
         case .blockStatus:
             return [.fua, .requestOne]
-        case .write, .disconnect, .flush, .trim, .cache:
+        case .write:
+            // Extended headers: WRITE carries NBD_CMD_FLAG_PAYLOAD_LEN (qemu 10 leaves it out,
+            // see NBDRequestDecoder); on any other command the flag is refused here.
+            return session.framing == .extended ? [.fua, .payloadLength] : [.fua]
+        case .disconnect, .flush, .trim, .cache:
             return [.fua]
         }
     }

@@ -62,7 +62,7 @@ extension ControlPlane {
         case "query-checkpoints":
             _ = try QMPArguments(arguments, allowed: [])
             return .array(registry.all.flatMap { export in
-                export.openViews == nil ? [] : export.tracker.query().compactMap { bitmap -> JSONValue? in
+                export.isView ? [] : export.bitmaps.compactMap { bitmap -> JSONValue? in
                     guard let origin = bitmap.checkpointOf else { return nil }
                     var entry: [String: JSONValue] = [
                         "node": .string(export.name), "name": .string(bitmap.name), "bitmap": .string(origin),
@@ -70,12 +70,12 @@ extension ControlPlane {
                         "abort-on-disconnect": .bool(bitmap.abortOnDisconnect),
                     ]
                     entry.merge(Self.describeLineage(bitmap.lineage)) { _, new in new }
-                    if let open = export.openViews?.entry(checkpoint: bitmap.name) {
+                    if let open = export.view(ofCheckpoint: bitmap.name) {
                         entry["view"] = .string(open.exportNames[0])
                         entry["changes-view"] = .string(open.exportNames[1])
-                        entry["view-preserved-bytes"] = .int(Int64(clamping: open.view.preservedBytes))
-                        entry["view-sidecar-bytes"] = .int(Int64(clamping: open.view.sidecarAllocatedBytes))
-                        if let failure = open.view.failure { entry["view-error"] = .string(failure.description) }
+                        entry["view-preserved-bytes"] = .int(Int64(clamping: open.preservedBytes))
+                        entry["view-sidecar-bytes"] = .int(Int64(clamping: open.sidecarBytes))
+                        if let failure = open.failure { entry["view-error"] = .string(failure) }
                     }
                     return .object(entry)
                 }
@@ -110,7 +110,7 @@ extension ControlPlane {
     /// Turns one bitmap command into the operation it stands for.
     func bitmapOperation(_ command: String, _ arguments: QMPArguments) throws(QMPError) -> (Export, BitmapOperation) {
         let export = try export(arguments.string("node"))
-        guard export.openViews != nil else {
+        guard !export.isView else {
             throw QMPError(.genericError, "'\(export.name)' is a point-in-time view; its bitmaps belong to its export")
         }
         switch command {
@@ -153,20 +153,11 @@ extension ControlPlane {
         }
     }
 
-    /// Applies operations grouped by export, all or nothing: every group is checked on a
-    /// scratch copy first; commands run one at a time, so nothing changes in between.
+    /// Applies operations grouped by export, all or nothing (the registry checks every
+    /// group first; commands run one at a time, so nothing changes in between).
     func perform(_ groups: [(Export, [BitmapOperation])]) throws(QMPError) {
-        var merged: [(Export, [BitmapOperation])] = []
-        for (export, operations) in groups {
-            if let index = merged.firstIndex(where: { $0.0 === export }) {
-                merged[index].1.append(contentsOf: operations)
-            } else {
-                merged.append((export, operations))
-            }
-        }
-        do throws(BitmapError) {
-            for (export, operations) in merged { try export.tracker.validate(operations) }
-            for (export, operations) in merged { try export.tracker.perform(operations) }
+        do throws(ServerError) {
+            try registry.perform(groups)
         } catch {
             throw QMPError(.genericError, error.description)
         }
@@ -193,7 +184,7 @@ extension ControlPlane {
 
     static func describeNode(_ export: Export) -> JSONValue {
         let offered = Set(export.offeredBitmaps)
-        let bitmaps: [JSONValue] = export.tracker.query().filter { offered.contains($0.name) }.map { bitmap in
+        let bitmaps: [JSONValue] = export.bitmaps.filter { offered.contains($0.name) }.map { bitmap in
             var entry: [String: JSONValue] = [
                 "name": .string(bitmap.name), "count": .int(Int64(bitmap.count)),
                 "granularity": .int(Int64(bitmap.granularity)), "recording": .bool(bitmap.recording),
@@ -205,11 +196,11 @@ extension ControlPlane {
             return .object(entry)
         }
         return [
-            "node-name": .string(export.name), "drv": "raw", "file": .string(export.image.path),
+            "node-name": .string(export.name), "drv": "raw", "file": .string(export.fileName),
             "ro": .bool(export.isReadOnly),
             "image": [
-                "filename": .string(export.image.path), "format": "raw",
-                "virtual-size": .int(Int64(clamping: export.image.size)),
+                "filename": .string(export.fileName), "format": "raw",
+                "virtual-size": .int(Int64(clamping: export.size)),
             ],
             "dirty-bitmaps": .array(bitmaps),
         ]
@@ -256,7 +247,7 @@ extension ControlPlane {
         do {
             try registry.add(export)
         } catch {
-            try? export.tracker.save(cleanShutdown: true)
+            export.closeUnserved()
             throw QMPError(.genericError, error.description)
         }
         adoptPendingCheckpoints(of: export)
@@ -272,70 +263,32 @@ extension ControlPlane {
     /// dirty bit is lost.
     func deleteExport(_ arguments: QMPArguments) throws(QMPError) -> JSONValue {
         let id = try arguments.string("id")
-        // A view export's id is its name, unique among ids, so this cannot shadow a live export.
-        if let (origin, checkpoint) = registry.viewOrigin(of: id) {
+        switch registry.deleteExport(id: id, releaseWait: Self.exportReleaseWait, loop: timerLoop) {
+        case nil:
+            throw QMPError(.genericError, "Export '\(id)' is not found")
+        case .view(let closed):
             // A view's two exports share its sidecar: both go, the checkpoint stays pending.
-            closeView(of: origin, checkpoint: checkpoint)
-            return [:]
-        }
-        let name: String
-        var tracker: DirtyTracker
-        do {
-            // Scoped, so that this function's reference to the export is gone below.
-            guard !id.isEmpty, let removed = registry.remove(id: id) else {
-                throw QMPError(.genericError, "Export '\(id)' is not found")
+            emitViewClosed(closed)
+        case .export(let name, let closedViews, let released, let flushError, let saveError):
+            emitViewClosed(closedViews)
+            if let flushError { logger.error("flushing removed export '\(name)' failed: \(flushError)") }
+            if !released {
+                logger.warning(
+                    "export '\(name)' removed while NBD clients still use it; its bitmaps stay marked unclean until the next open")
             }
-            name = removed.name
-            tracker = retire(removed)
+            if let saveError { logger.error("saving bitmaps of removed export '\(name)' failed: \(saveError)") }
+            emit("BLOCK_EXPORT_DELETED", ["id": .string(id)])
         }
-        let unused = Self.waitUntilUnused(&tracker, timeout: Self.exportReleaseWait)
-        if !unused {
-            logger.warning(
-                "export '\(name)' removed while NBD clients still use it; its bitmaps stay marked unclean until the next open")
-        }
-        do {
-            try tracker.save(cleanShutdown: unused)
-        } catch {
-            logger.error("saving bitmaps of removed export '\(name)' failed: \(error)")
-        }
-        emit("BLOCK_EXPORT_DELETED", ["id": .string(id)])
         return [:]
     }
 
     /// How long `block-export-del` waits for connections to let go of the export: a client
     /// that just disconnected is released within milliseconds.
-    static let exportReleaseWait: Duration = .seconds(1)
+    static let exportReleaseWait: TimeAmount = .seconds(1)
 
-    /// Closes the views of a removed export and flushes its image.
-    /// - Returns: its tracker, the only thing of it the caller keeps.
-    private func retire(_ export: Export) -> DirtyTracker {
-        for entry in export.openViews?.all ?? [] { closeView(of: export, checkpoint: entry.checkpoint) }
-        if !export.isReadOnly {
-            do {
-                try export.image.flush()
-            } catch {
-                logger.error("flushing removed export '\(export.name)' failed: \(error)")
-            }
-        }
-        return export.tracker
-    }
-
-    /// True once `tracker` is referenced only by the caller (no connection or view holds
-    /// it any more), false if that does not happen within `timeout`.
-    private static func waitUntilUnused(_ tracker: inout DirtyTracker, timeout: Duration) -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while !isKnownUniquelyReferenced(&tracker) {
-            guard ContinuousClock.now < deadline else { return false }
-            usleep(10_000)
-        }
-        return true
-    }
-
-    /// Closes a checkpoint's view, if open, and tells every client its exports are gone.
-    func closeView(of export: Export, checkpoint: String) {
-        for name in registry.closeView(of: export, checkpoint: checkpoint) {
-            emit("BLOCK_EXPORT_DELETED", ["id": .string(name)])
-        }
+    /// Tells every client a closed view's exports are gone.
+    func emitViewClosed(_ exportNames: [String]) {
+        for name in exportNames { emit("BLOCK_EXPORT_DELETED", ["id": .string(name)]) }
     }
 
     // MARK: - Checkpoints
@@ -351,41 +304,34 @@ extension ControlPlane {
         let node = try arguments.string("node")
         let export = try export(node)
         let bitmap = try arguments.string("bitmap")
-        let name = try arguments.optionalString("name") ?? export.tracker.nextCheckpointName()
+        let name = try arguments.optionalString("name") ?? export.nextCheckpointName
         // Every argument is checked before anything changes.
         let consume = try arguments.bool("consume", default: false)
         let timeout = try arguments.optionalUInt("timeout").map { TimeAmount.seconds(Int64(clamping: $0)) }
         let abortOnDisconnect = try arguments.bool("abort-on-disconnect", default: true)
         let withView = try arguments.bool("view", default: false)
-        let superseded = export.tracker.query().filter { $0.checkpointOf == bitmap }.map(\.name).filter {
+        let superseded = export.bitmaps.filter { $0.checkpointOf == bitmap }.map(\.name).filter {
             !isOwnerConnected(CheckpointKey(node: node, name: $0))
         }
         let request = CheckpointRequest(
             bitmap: bitmap, increment: name, consume: consume, supersede: superseded,
             abortOnDisconnect: abortOnDisconnect)
-        let checkpoint: [(Export, [BitmapOperation])] = [(export, [.createCheckpoint(request)])]
-        var viewNames: [String] = []
-        if withView {
-            guard export.openViews != nil else {
-                throw QMPError(.genericError, "'\(node)' is a view; checkpoints are taken of live exports")
-            }
-            do {
-                viewNames = try registry.openView(of: export, checkpoint: name, on: timerLoop) { try perform(checkpoint) }
-                    .exportNames
-            } catch let error as QMPError {
-                throw error
-            } catch {
-                throw QMPError(.genericError, "\(error)")
-            }
-        } else {
-            try perform(checkpoint)
+        if withView && export.isView {
+            throw QMPError(.genericError, "'\(node)' is a view; checkpoints are taken of live exports")
         }
+        let created: ExportRegistry.CreatedCheckpoint
+        do throws(ServerError) {
+            created = try registry.createCheckpoint(export: export, request: request, view: withView, loop: timerLoop)
+        } catch {
+            throw QMPError(.genericError, error.description)
+        }
+        let viewNames = created.viewNames
         recordOwner(
             CheckpointKey(node: node, name: name),
             CheckpointOwner(
                 session: session, abortOnDisconnect: abortOnDisconnect, timeout: timeout ?? defaultCheckpointTimeout))
         for old in superseded {
-            closeView(of: export, checkpoint: old)
+            emitViewClosed(created.closedViews[old] ?? [])
             forgetOwner(CheckpointKey(node: node, name: old))
             recordSuperseded(CheckpointKey(node: node, name: old), by: name)
             logger.warning("checkpoint '\(old)' on '\(node)' was pending with its client gone: superseded by '\(name)', which holds its changes")
@@ -393,7 +339,7 @@ extension ControlPlane {
                 "CHECKPOINT_ABORTED",
                 ["node": .string(node), "name": .string(old), "reason": "superseded", "superseded-by": .string(name)])
         }
-        let info = export.tracker.query().first { $0.name == name }
+        let info = export.bitmaps.first { $0.name == name }
         var event: [String: JSONValue] = [
             "node": .string(node), "name": .string(name), "bitmap": .string(bitmap), "consume": .bool(consume),
         ]
@@ -432,8 +378,11 @@ extension ControlPlane {
                 "checkpoint '\(name)' was superseded by '\(successor)' after its client disconnected; its changes are in "
                     + "'\(successor)', so a backup of '\(name)' must not be recorded as complete")
         }
-        try perform([(export, [completing ? .completeCheckpoint(increment: name) : .abortCheckpoint(increment: name)])])
-        closeView(of: export, checkpoint: name)
+        do throws(ServerError) {
+            emitViewClosed(try registry.finishCheckpoint(export: export, increment: name, completed: completing))
+        } catch {
+            throw QMPError(.genericError, error.description)
+        }
         forgetOwner(CheckpointKey(node: node, name: name))
         emit(
             completing ? "CHECKPOINT_COMPLETED" : "CHECKPOINT_ABORTED",

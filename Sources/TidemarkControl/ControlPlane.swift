@@ -121,8 +121,7 @@ public final class ControlPlane: Sendable {
         }
         guard stillOrphaned, let export = registry.export(named: key.node) else { return }
         do {
-            try export.tracker.perform([.abortCheckpoint(increment: key.name)])
-            closeView(of: export, checkpoint: key.name)
+            emitViewClosed(try registry.finishCheckpoint(export: export, increment: key.name, completed: false))
             forgetOwner(key)
             logger.warning("checkpoint '\(key.name)' on '\(key.node)' aborted: its client disconnected")
             emit("CHECKPOINT_ABORTED", ["node": .string(key.node), "name": .string(key.name), "reason": "client-disconnected"])
@@ -141,7 +140,7 @@ public final class ControlPlane: Sendable {
     /// the default timeout unless completed first, and the next checkpoint of their bitmap
     /// supersedes them at once.
     func adoptPendingCheckpoints(of export: Export) {
-        let pending = export.tracker.query().filter { $0.checkpointOf != nil }
+        let pending = export.bitmaps.filter { $0.checkpointOf != nil }
         for increment in pending {
             let key = CheckpointKey(node: export.name, name: increment.name)
             let adopted = state.withLock { state -> Bool in

@@ -6,9 +6,13 @@ import NBDProtocol
 ///
 /// Shared by every connection to it (one file descriptor, one page cache), which is what
 /// makes `CAN_MULTI_CONN` honest: a FLUSH on any connection covers writes from all.
+///
+/// Other modules see only what describes the export; what changes it (bitmaps,
+/// checkpoints, views, removal) goes through `ExportRegistry`, and every change of its
+/// image and bitmaps through its `ExportWrites`.
 public final class Export: Sendable {
     /// What the export's reads show.
-    public enum Content: Sendable {
+    enum Content: Sendable {
         /// The image as it is now; its writes preserve old data into the open views.
         case live(OpenViews)
         /// The image at a checkpoint's instant, carrying the checkpoint's increment.
@@ -25,11 +29,14 @@ public final class Export: Sendable {
     /// The name NBD clients ask for, and the `node` of bitmap and checkpoint commands.
     public let name: String
     public let description: String
-    public let image: RawImage
+    let image: RawImage
     public let isReadOnly: Bool
     /// The image's named bitmaps; every write on every connection is recorded here.
-    public let tracker: DirtyTracker
-    public let content: Content
+    let tracker: DirtyTracker
+    let content: Content
+    /// The owner of the image's modifications and checkpoints (a view's is its live
+    /// export's, so the live export counts as in use while its views are).
+    let writes: ExportWrites
 
     /// A live export.
     /// - Parameters:
@@ -43,12 +50,14 @@ public final class Export: Sendable {
         self.description = description
         self.image = image
         self.isReadOnly = readOnly || image.isReadOnly
-        self.tracker = tracker ?? DirtyTracker(size: image.size)
-        self.content = .live(OpenViews())
+        let writes = ExportWrites(image: image, tracker: tracker ?? DirtyTracker(size: image.size))
+        self.writes = writes
+        self.tracker = writes.tracker
+        self.content = .live(writes.views)
     }
 
     /// A read-only view export of `live` at checkpoint `increment`.
-    public init(name: String, viewOf live: Export, view: PointInTimeView, increment: String, changesOnly: Bool) {
+    init(name: String, viewOf live: Export, view: PointInTimeView, increment: String, changesOnly: Bool) {
         self.id = name
         self.name = name
         self.description =
@@ -57,14 +66,31 @@ public final class Export: Sendable {
         self.image = live.image
         self.isReadOnly = true
         self.tracker = live.tracker
+        self.writes = live.writes
         self.content = .view(view, increment: increment, changesOnly: changesOnly)
     }
 
     /// The views open on a live export (nil for a view).
-    public var openViews: OpenViews? {
+    var openViews: OpenViews? {
         if case .live(let views) = content { return views }
         return nil
     }
+
+    /// True for a point-in-time view's export (bitmaps and checkpoints belong to the live
+    /// export it shows).
+    public var isView: Bool { openViews == nil }
+
+    /// The image file (or block device) the export serves.
+    public var fileName: String { image.path }
+
+    /// The export's size in bytes.
+    public var size: UInt64 { image.size }
+
+    /// The image's bitmaps, in creation order (a view's: its live export's).
+    public var bitmaps: [BitmapInfo] { tracker.query() }
+
+    /// The default name of the next checkpoint (`DirtyTracker.nextCheckpointName`).
+    public var nextCheckpointName: String { tracker.nextCheckpointName() }
 
     /// The bitmaps offered as `qemu:dirty-bitmap:` contexts: all of a live export's, only
     /// the increment of a view.
@@ -73,6 +99,20 @@ public final class Export: Sendable {
         case .live: return tracker.names
         case .view(_, let increment, _): return [increment]
         }
+    }
+
+    /// The open view of a checkpoint on this live export, as management reports it.
+    public func view(ofCheckpoint checkpoint: String) -> ViewStatus? {
+        guard let entry = openViews?.entry(checkpoint: checkpoint) else { return nil }
+        return ViewStatus(
+            exportNames: entry.exportNames, preservedBytes: entry.view.preservedBytes,
+            sidecarBytes: entry.view.sidecarAllocatedBytes, failure: entry.view.failure?.description)
+    }
+
+    /// Saves the bitmaps of an export that was opened but never served (adding it
+    /// failed), marked as cleanly closed, so its store is left as it was found.
+    public func closeUnserved() {
+        try? tracker.save(cleanShutdown: true)
     }
 
     /// The export as the handshake sees it.

@@ -36,12 +36,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let outputLimit: Int
     private var logger: Logger
 
-    private var connection: NBDServerConnection
-    /// Runs the commands of the chosen export; set on entering transmission.
-    private var executor: CommandExecutor?
+    private let connection: NBDServerConnection
+    /// Runs the commands of the chosen export; set on entering transmission. Held by
+    /// reference, so the per-request path takes it without copying the executor's fields.
+    private final class Attachment {
+        let executor: CommandExecutor
+        init(_ executor: CommandExecutor) { self.executor = executor }
+    }
+    private var attachment: Attachment?
     private var received: ByteBuffer?
-    /// Replies produced during this read burst, written to the socket in one go.
-    private var outbox: ByteBuffer?
+    /// Replies produced during this read burst, written to the socket in one go. Empty
+    /// (no storage of its own) between bursts; ``prepareOutbox(context:)`` gives it one.
+    private var outbox = ByteBuffer()
+    /// How much a burst's reply buffer holds before it must grow.
+    static let outboxCapacity = 64 * 1024
     private var handshakeDeadline: Scheduled<Void>?
     /// The channel is being closed (by this handler or the peer): nothing more is sent.
     private var channelClosing = false
@@ -73,13 +81,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
-        requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
+        offersExtendedHeaders: Bool = true, requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
         tls: TLSServerCredentials? = nil, logger: Logger
     ) {
         self.serverMetrics = metrics
         self.tls = tls
         self.connection = NBDServerConnection(
-            configuration: .init(offersStructuredReplies: offersStructuredReplies, tls: tls?.policy ?? .unavailable))
+            configuration: .init(
+                offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders,
+                tls: tls?.policy ?? .unavailable))
         self.registry = registry
         self.pool = pool
         self.handshakeTimeout = handshakeTimeout
@@ -154,7 +164,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         received = nil
-        if connection.session != nil {
+        if connection.isInTransmission {
             // A request straddles the two reads: top it up with only the bytes it lacks,
             // then decode the rest of `incoming` where it lies instead of copying it all.
             topUp(&pending, from: &incoming, context: context)
@@ -224,13 +234,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// the input, or the connection closes, carrying out each action.
     private func pump(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
         while !connection.isClosed {
-            if connection.session != nil, outputIsFull(context: context) { return }
-            var output = outbox ?? context.channel.allocator.buffer(capacity: 64 * 1024)
-            outbox = nil
-            let written = output.writerIndex
-            let action = connection.next(&buffer, catalog: registry, output: &output)
-            if output.writerIndex != written { flushPending = true }
-            outbox = output
+            if connection.isInTransmission, outputIsFull(context: context) { return }
+            prepareOutbox(context: context)
+            let written = outbox.writerIndex
+            let action = connection.next(&buffer, catalog: registry, output: &outbox)
+            if outbox.writerIndex != written { flushPending = true }
             switch action {
             case .needMoreData, .pauseReading:
                 return
@@ -307,11 +315,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         logger[metadataKey: "export"] = "\(session.exportName)"
-        logger.debug("transmission started")
+        logger.debug(
+            "transmission started",
+            metadata: ["framing": session.framing == .extended ? "extended headers" : "compact headers"])
         context.triggerUserOutboundEvent(ConnectionExportChosen(exportName: session.exportName), promise: nil)
-        executor = CommandExecutor(
+        attachment = Attachment(CommandExecutor(
             export: export, session: session, allocator: context.channel.allocator, pool: pool,
-            eventLoop: context.eventLoop)
+            eventLoop: context.eventLoop))
         if let serverMetrics {
             requestMetrics = ConnectionMetrics(server: serverMetrics, export: export.name, eventLoop: context.eventLoop)
         }
@@ -320,14 +330,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Requests
 
     private func execute(_ command: NBDCommand, cookie: UInt64, cost: UInt64, context: ChannelHandlerContext) {
-        guard let executor else { return }
+        guard let attachment else { return }
         let start = requestMetrics?.started()
         // Where an inline reply will start, for metrics only.
-        let replyStart = outbox?.writerIndex ?? 0
-        var output = outbox ?? context.channel.allocator.buffer(capacity: 64 * 1024)
-        outbox = nil
-        let result = executor.execute(command, cookie: cookie, outbox: &output)
-        outbox = output
+        let replyStart = outbox.writerIndex
+        let result = attachment.executor.execute(command, cookie: cookie, outbox: &outbox)
         switch result {
         case .written:
             flushPending = true
@@ -372,7 +379,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// data is looked at, the others are successes without touching the buffer.
     private func recordInline(_ command: NBDCommand, cost: UInt64, startedAt start: UInt64, replyStart: Int) {
         var failed = false
-        if case .read(_, let length, _) = command, let outbox, outbox.writerIndex - replyStart < Int(length) {
+        if case .read(_, let length, _) = command, outbox.writerIndex - replyStart < Int(length) {
             failed = NBDReplyEncoder.isErrorReply(outbox, at: replyStart)
         }
         requestMetrics?.completed(
@@ -405,7 +412,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// the machine holds it (in flight at the limit, a disconnect, a stop), or the
     /// handler's resources do (no payload budget, replies not yet taken by the client).
     private var isHoldingInput: Bool {
-        guard connection.session != nil else { return false }
+        guard connection.isInTransmission else { return false }
         return connection.isHoldingInput || awaitingBudget || !channelWritable || offloadedReadBytes >= outputLimit
     }
 
@@ -414,7 +421,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `outputLimit`. A full burst buffer is handed to the channel first, so that the
     /// channel's writability (and with it the resumption) accounts for it.
     private func outputIsFull(context: ChannelHandlerContext) -> Bool {
-        if (outbox?.readableBytes ?? 0) >= outputLimit {
+        if outbox.readableBytes >= outputLimit {
             flushIfNeeded(context: context)
         }
         return !channelWritable || offloadedReadBytes >= outputLimit
@@ -473,7 +480,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Bytes arrived and a request is still incomplete: (re)starts the stall clock and
     /// makes sure a timer will look at it.
     private func notePartialInput(context: ChannelHandlerContext) {
-        guard connection.session != nil, !connection.isClosed else { return }
+        guard connection.isInTransmission, !connection.isClosed else { return }
         lastInput = .now()
         if stallTimer == nil { armStallTimer(at: lastInput + requestTimeout, context: context) }
     }
@@ -517,6 +524,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         stallTimer = nil
     }
 
+    /// Gives the burst's reply buffer its storage on first use.
+    private func prepareOutbox(context: ChannelHandlerContext) {
+        if outbox.capacity == 0 { outbox = context.channel.allocator.buffer(capacity: Self.outboxCapacity) }
+    }
+
     private func scheduleFlush(context: ChannelHandlerContext) {
         guard !flushScheduled else { return }
         flushScheduled = true
@@ -530,9 +542,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func flushIfNeeded(context: ChannelHandlerContext) {
         guard flushPending else { return }
         flushPending = false
-        if let buffer = outbox {
-            outbox = nil
-            if buffer.readableBytes > 0 { context.write(wrapOutboundOut(buffer), promise: nil) }
+        if outbox.readableBytes > 0 {
+            context.write(wrapOutboundOut(outbox), promise: nil)
+            // The channel holds those bytes now: the next burst starts a buffer of its own
+            // rather than copying this one on its first write.
+            outbox = ByteBuffer()
         }
         context.flush()
     }

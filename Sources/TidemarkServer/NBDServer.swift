@@ -149,6 +149,7 @@ public final class NBDServer: Sendable {
         let logger = self.logger
         let timeout = configuration.handshakeTimeout
         let offersStructuredReplies = configuration.offersStructuredReplies
+        let offersExtendedHeaders = configuration.offersExtendedHeaders
         let tls = configuration.tls
         let requestTimeout = configuration.requestTimeout
         let budget = payloadBudget
@@ -180,7 +181,8 @@ public final class NBDServer: Sendable {
                     try channel.pipeline.syncOperations.addHandler(
                         NBDConnectionHandler(
                             registry: registry, pool: pool, handshakeTimeout: timeout,
-                            offersStructuredReplies: offersStructuredReplies, requestTimeout: requestTimeout,
+                            offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders,
+                            requestTimeout: requestTimeout,
                             budget: budget, outputLimit: waterMark.high, metrics: metrics, tls: tls, logger: logger))
                 }
             }

@@ -5,16 +5,17 @@ import Synchronization
 /// The point-in-time views open on one live export: what its writes preserve into.
 ///
 /// A view is armed before its checkpoint and activated after writes from before the
-/// checkpoint have landed. Writes of the checkpoint's epoch that reach it in between wait
-/// for `activation` without holding a thread, then copy the old data and write.
-public final class OpenViews: Sendable {
+/// checkpoint have landed (`ExportWrites.createCheckpoint`). Writes of the checkpoint's
+/// epoch that reach it in between wait for `activation` without holding a thread, then
+/// copy the old data and write (`ExportWrites.modify`).
+final class OpenViews: Sendable {
     /// One open view.
-    public struct Entry: Sendable {
+    struct Entry: Sendable {
         /// The checkpoint (and increment) the view shows.
-        public let checkpoint: String
-        public let view: PointInTimeView
+        let checkpoint: String
+        let view: PointInTimeView
         /// Names of the view's exports (the view and its `.changes` variant).
-        public let exportNames: [String]
+        let exportNames: [String]
         /// Modifications from this write epoch on must preserve into the view.
         let firstEpoch: UInt64
         /// Completes once the view is active (or was closed before it became active).
@@ -25,7 +26,7 @@ public final class OpenViews: Sendable {
     /// The number of entries, read without the lock by every write.
     private let count = Atomic<Int>(0)
 
-    public init() {}
+    init() {}
 
     func add(_ entry: Entry) {
         entries.withLock { list in
@@ -45,10 +46,10 @@ public final class OpenViews: Sendable {
     }
 
     /// Every open view, oldest first.
-    public var all: [Entry] { entries.withLock { $0 } }
+    var all: [Entry] { entries.withLock { $0 } }
 
     /// The open view of a checkpoint, if any.
-    public func entry(checkpoint: String) -> Entry? { entries.withLock { $0.first { $0.checkpoint == checkpoint } } }
+    func entry(checkpoint: String) -> Entry? { entries.withLock { $0.first { $0.checkpoint == checkpoint } } }
 
     /// The views a modification of `[offset, offset+length)` begun in `epoch` must preserve
     /// into first; empty, without taking a lock or allocating, when no view is open.

@@ -13,8 +13,11 @@ struct ReadPlan: Sendable {
     /// The allocation map of the range when holes may be sent as OFFSET_HOLE chunks.
     let holes: [AllocationExtent]?
 
-    init(cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool, holes: [AllocationExtent]?) {
-        self.reply = NBDReadReply(cookie: cookie, offset: offset, length: length, structured: structured)
+    init(
+        cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool, framing: NBDFraming = .compact,
+        holes: [AllocationExtent]?
+    ) {
+        self.reply = NBDReadReply(cookie: cookie, offset: offset, length: length, structured: structured, framing: framing)
         self.holes = holes
     }
 

@@ -56,7 +56,7 @@ public enum RequestKind: Int, CaseIterable, Sendable {
     static func bytes(of command: NBDCommand, cost: UInt64) -> Int {
         switch command {
         case .read, .write: return Int(cost)
-        case .writeZeroes(_, let length, _, _, _), .trim(_, let length, _), .cache(_, let length): return Int(length)
+        case .writeZeroes(_, let length, _, _, _), .trim(_, let length, _), .cache(_, let length): return Int(clamping: length)
         case .flush, .blockStatus: return 0
         }
     }

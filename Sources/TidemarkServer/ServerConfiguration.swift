@@ -25,6 +25,9 @@ public struct ServerConfiguration: Sendable {
     /// Whether clients may negotiate structured replies (and with them block status).
     /// Off only to behave like a server that predates them.
     public var offersStructuredReplies: Bool
+    /// Whether clients may negotiate NBD extended headers (64-bit lengths). Off only to
+    /// test clients against a server without them.
+    public var offersExtendedHeaders: Bool
     /// Bytes all connections together may hold for partly received WRITE requests
     /// (see ``PayloadBudget``).
     public var payloadBudget: Int
@@ -43,6 +46,7 @@ public struct ServerConfiguration: Sendable {
         eventLoopCount: Int = System.coreCount,
         ioThreadCount: Int = 4,
         offersStructuredReplies: Bool = true,
+        offersExtendedHeaders: Bool = true,
         payloadBudget: Int = PayloadBudget.defaultLimit,
         requestTimeout: TimeAmount = .seconds(30),
         tls: TLSServerCredentials? = nil
@@ -53,6 +57,7 @@ public struct ServerConfiguration: Sendable {
         self.eventLoopCount = eventLoopCount
         self.ioThreadCount = ioThreadCount
         self.offersStructuredReplies = offersStructuredReplies
+        self.offersExtendedHeaders = offersExtendedHeaders
         self.payloadBudget = payloadBudget
         self.requestTimeout = requestTimeout
         self.tls = tls

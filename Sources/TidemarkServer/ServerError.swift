@@ -1,3 +1,6 @@
+import BlockStorage
+import DirtyTracking
+
 /// Errors from configuring or starting the server, worded for the person running it.
 public enum ServerError: Error, Equatable, CustomStringConvertible {
     case duplicateExport(String)
@@ -9,6 +12,10 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
     case bindFailed(address: String, reason: String)
     case socketActivation(String)
     case invalidView(String)
+    /// A bitmap or checkpoint operation failed; nothing changed.
+    case bitmaps(BitmapError)
+    /// The image or a view's sidecar failed.
+    case storage(StorageError)
 
     public var description: String {
         switch self {
@@ -20,6 +27,8 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
         case .bindFailed(let address, let reason): return "cannot listen on \(address): \(reason)"
         case .socketActivation(let reason): return "socket activation failed: \(reason)"
         case .invalidView(let reason): return "cannot open the view: \(reason)"
+        case .bitmaps(let error): return error.description
+        case .storage(let error): return error.description
         }
     }
 }

@@ -119,6 +119,12 @@ struct ServeCommand: AsyncParsableCommand {
             discussion: "Clients fall back to simple replies; block status and dirty bitmaps are then unavailable."))
     var noStructuredReplies = false
 
+    @Flag(
+        help: ArgumentHelp(
+            "Refuse NBD extended headers, as a server that predates them (qemu-nbd before 8.2).",
+            discussion: "qemu 8.2+ and libnbd 1.18+ then fall back to compact 28-byte requests and 32-bit lengths."))
+    var noExtendedHeaders = false
+
     @Option(
         help: ArgumentHelp(
             "Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0: any free port, logged at start).",
@@ -237,6 +243,7 @@ struct ServeCommand: AsyncParsableCommand {
             eventLoopCount: eventLoops ?? System.coreCount,
             ioThreadCount: max(1, ioThreads),
             offersStructuredReplies: !noStructuredReplies,
+            offersExtendedHeaders: !noExtendedHeaders,
             payloadBudget: payloadBudget.map { $0 << 20 } ?? PayloadBudget.defaultLimit,
             requestTimeout: .nanoseconds(Int64(requestTimeout * 1_000_000_000)),
             tls: credentials

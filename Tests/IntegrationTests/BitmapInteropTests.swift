@@ -193,14 +193,15 @@ struct BitmapInteropTests {
         (40 * mib, 3 * mib), (64 * mib, 12 * kib),
     ]
 
-    static func qemuIO(format: String, target: String) throws {
-        try ExternalTool.check("qemu-io", ["-f", format] + qemuIOCommands.flatMap { ["-c", $0] } + [target])
+    static func qemuIO(format: String, target: String, release: QemuRelease) throws {
+        try release.qemuIO(target, qemuIOCommands, format: format)
     }
 
-    /// Tidemark: a sparse raw image served with `--bitmap b0`, written with qemu-io over NBD.
-    static func tidemarkMap() throws -> (text: String, extents: [BitmapExtent]) {
+    /// Tidemark: a sparse raw image served with `--bitmap b0`, written with `release`'s
+    /// qemu-io over NBD.
+    static func tidemarkMap(release: QemuRelease) throws -> (text: String, extents: [BitmapExtent]) {
         let fixture = try ServerFixture(size: Int(qemuSize), extraArguments: ["--bitmap", "b0"])
-        try qemuIO(format: "raw", target: fixture.uri)
+        try qemuIO(format: "raw", target: fixture.uri, release: release)
         let map = try BitmapMaps.nbdinfoMap(uri: fixture.uri, context: b0)
         #expect(map.extents == BitmapMaps.bitmapMap(dirty: qemuDirty, size: qemuSize), "Tidemark:\n\(map.text)")
         return map
@@ -217,31 +218,38 @@ struct BitmapInteropTests {
         }
     }
 
-    @Test("qcow2 + qemu-img bitmap --add, written offline by qemu-io, served by qemu-nbd -B: same map as Tidemark")
-    func sameMapAsQemuNBDWithQcow2() throws {
+    @Test(
+        "qcow2 + qemu-img bitmap --add, written offline by qemu-io, served by qemu-nbd -B: same map as Tidemark",
+        arguments: QemuRelease.allCases)
+    func sameMapAsQemuNBDWithQcow2(release: QemuRelease) throws {
         let directory = try TestDirectory()
         let image = directory.file("disk.qcow2")
-        try ExternalTool.check("qemu-img", ["create", "-f", "qcow2", image, "\(Self.qemuSize)"])
-        try ExternalTool.check("qemu-img", ["bitmap", "--add", image, "b0"])
-        try Self.qemuIO(format: "qcow2", target: image)
-        let qemu = try BitmapReferenceServer.qemuNBD(image: image, format: "qcow2", bitmap: "b0", export: "disk", directory: directory)
+        try release.check("qemu-img", ["create", "-f", "qcow2", image, "\(Self.qemuSize)"])
+        try release.check("qemu-img", ["bitmap", "--add", image, "b0"])
+        try Self.qemuIO(format: "qcow2", target: image, release: release)
+        let qemu = try BitmapReferenceServer.qemuNBD(
+            image: image, format: "qcow2", bitmap: "b0", export: "disk", directory: directory, release: release)
         let reference = try BitmapMaps.nbdinfoMap(uri: qemu.uri(export: "disk"), context: Self.b0)
         qemu.stop()
-        let tidemark = try Self.tidemarkMap()
-        Self.expectSameLines(tidemark.text, reference.text, "nbdinfo --map=qemu:dirty-bitmap:b0 (qcow2 via qemu-nbd)")
+        let tidemark = try Self.tidemarkMap(release: release)
+        Self.expectSameLines(tidemark.text, reference.text, "nbdinfo --map=qemu:dirty-bitmap:b0 (qcow2 via \(release) qemu-nbd)")
     }
 
-    @Test("a raw image written over NBD to qemu-storage-daemon with a bitmap: same map as Tidemark")
-    func sameMapAsQemuStorageDaemonWithRaw() throws {
+    @Test(
+        "a raw image written over NBD to qemu-storage-daemon with a bitmap: same map as Tidemark",
+        arguments: QemuRelease.allCases)
+    func sameMapAsQemuStorageDaemonWithRaw(release: QemuRelease) throws {
         let directory = try TestDirectory()
         let image = directory.file("disk.raw")
         try ImageFile.createSparse(image, size: Int(Self.qemuSize))
-        let qemu = try BitmapReferenceServer.storageDaemon(rawImage: image, bitmap: "b0", export: "disk", directory: directory)
-        try Self.qemuIO(format: "raw", target: qemu.uri(export: "disk"))
+        let qemu = try BitmapReferenceServer.storageDaemon(
+            rawImage: image, bitmap: "b0", export: "disk", directory: directory, release: release)
+        try Self.qemuIO(format: "raw", target: qemu.uri(export: "disk"), release: release)
         let reference = try BitmapMaps.nbdinfoMap(uri: qemu.uri(export: "disk"), context: Self.b0)
         qemu.stop()
-        let tidemark = try Self.tidemarkMap()
-        Self.expectSameLines(tidemark.text, reference.text, "nbdinfo --map=qemu:dirty-bitmap:b0 (raw via qemu-storage-daemon)")
+        let tidemark = try Self.tidemarkMap(release: release)
+        Self.expectSameLines(
+            tidemark.text, reference.text, "nbdinfo --map=qemu:dirty-bitmap:b0 (raw via \(release) qemu-storage-daemon)")
     }
 
     // MARK: - Persistence

@@ -263,7 +263,7 @@ struct HandshakeOptionTests {
 
     @Test(
         "unknown options get ERR_UNSUP, their data is drained and the next option works",
-        arguments: [UInt32(4), 11, 0xdead_beef, 0, 12, 0x8000_0001])
+        arguments: [UInt32(4), 0xdead_beef, 0, 12, 13, 0x8000_0001])
     func unknownOption(option: UInt32) throws {
         var driver = HandshakeDriver.negotiating()
         let payload: [UInt8] = Array("some payload bytes".utf8)

@@ -5,7 +5,7 @@ import Testing
 /// Drives ``NBDServerConnection`` to transmission on "disk" with structured replies and
 /// both of its contexts selected.
 struct ConnectionDriver {
-    var connection: NBDServerConnection
+    let connection: NBDServerConnection
     var output = ByteBuffer()
 
     init(configuration: NBDServerConnection.Configuration = .init()) {
@@ -109,7 +109,7 @@ struct NBDServerConnectionTests {
         _ = negotiating.feed(Client.flags(3))
         #expect(negotiating.connection.handshakeDeadlinePassed() == .handshakeTimedOut)
         #expect(negotiating.connection.isClosed)
-        var transmitting = ConnectionDriver.inTransmission()
+        let transmitting = ConnectionDriver.inTransmission()
         #expect(transmitting.connection.handshakeDeadlinePassed() == nil)
         #expect(!transmitting.connection.isClosed)
     }

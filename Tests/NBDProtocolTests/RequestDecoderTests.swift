@@ -204,7 +204,7 @@ struct RequestDecoderTests {
     func writeTooLarge(length: UInt32) {
         var decoder = NBDRequestDecoder()
         var buffer = ByteBuffer(bytes: Client.request(type: Wire.cmdWrite, length: length))
-        #expect(decoder.decode(&buffer).violation == .payloadTooLarge(length))
+        #expect(decoder.decode(&buffer).violation == .payloadTooLarge(UInt64(length)))
     }
 
     @Test("bytesNeeded reports header plus payload for WRITEs up to 32 MiB, nil otherwise")

@@ -75,7 +75,7 @@ struct RejectCase: Sendable, CustomTestStringConvertible {
     var request: NBDRequest {
         NBDRequest(
             type: type, flags: NBDCommandFlags(rawValue: flags), cookie: 0xC0FF_EE00_0000_0000 | UInt64(length),
-            offset: offset, length: length,
+            offset: offset, length: UInt64(length),
             payload: withPayload ? ByteBuffer(repeating: 0x5A, count: Int(length)) : nil,
             payloadDiscarded: discarded)
     }
@@ -224,7 +224,7 @@ struct TransmissionValidationTests {
     ) -> NBDRequest {
         NBDRequest(
             type: type, flags: NBDCommandFlags(rawValue: flags), cookie: 0xABCD_0000_0000_0001 &+ offset, offset: offset,
-            length: length, payload: payload.map { ByteBuffer(bytes: $0) })
+            length: UInt64(length), payload: payload.map { ByteBuffer(bytes: $0) })
     }
 
     @Test("READ is executed with its range and DF flag")
@@ -351,7 +351,7 @@ struct TransmissionValidationTests {
 @Suite("TransmissionStateMachine: disconnect and flow control")
 struct TransmissionFlowTests {
     private static func read(_ cookie: UInt64, length: UInt32 = 512) -> NBDRequest {
-        NBDRequest(type: Wire.cmdRead, flags: [], cookie: cookie, offset: 0, length: length)
+        NBDRequest(type: Wire.cmdRead, flags: [], cookie: cookie, offset: 0, length: UInt64(length))
     }
 
     private static let disc = NBDRequest(type: Wire.cmdDisc, flags: [], cookie: 99, offset: 0, length: 0)
@@ -390,7 +390,7 @@ struct TransmissionFlowTests {
     func disconnectWithBogusFields(flags: UInt16, offset: UInt64, length: UInt32) {
         var machine = TransmissionStateMachine(session: SessionKind.writable.session)
         let disposition = machine.received(
-            NBDRequest(type: Wire.cmdDisc, flags: NBDCommandFlags(rawValue: flags), cookie: 5, offset: offset, length: length))
+            NBDRequest(type: Wire.cmdDisc, flags: NBDCommandFlags(rawValue: flags), cookie: 5, offset: offset, length: UInt64(length)))
         #expect(disposition.isDisconnect, "got \(disposition)")
         #expect(machine.isDisconnecting)
         #expect(machine.inFlight == 0)

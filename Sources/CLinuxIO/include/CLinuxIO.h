@@ -72,4 +72,20 @@ void clinuxio_keep_large_allocations(size_t threshold);
 /// when the loop device is not attached, ENOTTY when `fd` is not a loop device).
 int clinuxio_loop_status(int fd, uint64_t *device, uint64_t *inode, uint64_t *offset, uint64_t *sizelimit);
 
+/// A mutex and a condition variable in one allocation, for a thread that must sleep
+/// until another thread changes some state (never an event loop thread): the sleeper
+/// locks, checks the state, and waits while it is not what it needs; the changer calls
+/// `clinuxio_sleeper_wake_all` after changing the state. `new` aborts only if the
+/// process cannot allocate a few dozen bytes.
+typedef struct clinuxio_sleeper clinuxio_sleeper;
+clinuxio_sleeper *_Nonnull clinuxio_sleeper_new(void);
+void clinuxio_sleeper_free(clinuxio_sleeper *_Nonnull sleeper);
+void clinuxio_sleeper_lock(clinuxio_sleeper *_Nonnull sleeper);
+void clinuxio_sleeper_unlock(clinuxio_sleeper *_Nonnull sleeper);
+/// Releases the lock while asleep and holds it again on return (spurious wake-ups
+/// happen: check the state again).
+void clinuxio_sleeper_wait(clinuxio_sleeper *_Nonnull sleeper);
+/// Locks, wakes every sleeper, unlocks.
+void clinuxio_sleeper_wake_all(clinuxio_sleeper *_Nonnull sleeper);
+
 #endif

@@ -204,8 +204,10 @@ final class BitmapReferenceServer: @unchecked Sendable {
     ) throws {
         self.name = program
         self.socketPath = socketPath
-        stdoutPath = directory.file(program + ".out")
-        stderrPath = directory.file(program + ".err")
+        // The program may be an absolute path (qemu 10's tools under .tools/qemu-10).
+        let baseName = URL(fileURLWithPath: program).lastPathComponent
+        stdoutPath = directory.file(baseName + ".out")
+        stderrPath = directory.file(baseName + ".err")
         let executable = try ExternalTool.locate(program)
         _ = FileManager.default.createFile(atPath: stdoutPath, contents: nil)
         _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
@@ -281,11 +283,12 @@ final class BitmapReferenceServer: @unchecked Sendable {
     /// `qemu-nbd -t -r -k SOCK -f FORMAT -B BITMAP -x EXPORT IMAGE`: a read-only export of
     /// an image's persistent bitmap.
     static func qemuNBD(
-        image: String, format: String, bitmap: String, export: String, directory: TestDirectory
+        image: String, format: String, bitmap: String, export: String, directory: TestDirectory,
+        release: QemuRelease = .qemu7
     ) throws -> BitmapReferenceServer {
         let socket = directory.file("qemu-nbd.sock")
         return try BitmapReferenceServer(
-            "qemu-nbd", ["-t", "-r", "-k", socket, "-f", format, "-B", bitmap, "-x", export, image],
+            try release.tool("qemu-nbd"), ["-t", "-r", "-k", socket, "-f", format, "-B", bitmap, "-x", export, image],
             socketPath: socket, directory: directory)
     }
 
@@ -293,7 +296,8 @@ final class BitmapReferenceServer: @unchecked Sendable {
     /// over QMP before the export, so writes over NBD are recorded as QEMU records them.
     /// Discards are passed down (`discard=unmap`) so they are recorded too, as Tidemark does.
     static func storageDaemon(
-        rawImage: String, bitmap: String, granularity: UInt64 = 65536, export: String, directory: TestDirectory
+        rawImage: String, bitmap: String, granularity: UInt64 = 65536, export: String, directory: TestDirectory,
+        release: QemuRelease = .qemu7
     ) throws -> BitmapReferenceServer {
         let socket = directory.file("qsd.sock")
         let commands = [
@@ -302,7 +306,7 @@ final class BitmapReferenceServer: @unchecked Sendable {
             #"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":"fmt","name":"\#(export)","writable":true,"bitmaps":["\#(bitmap)"]}}"#,
         ]
         return try BitmapReferenceServer(
-            "qemu-storage-daemon",
+            try release.tool("qemu-storage-daemon"),
             [
                 "--blockdev", "driver=file,filename=\(rawImage),node-name=proto,discard=unmap",
                 "--blockdev", "driver=raw,file=proto,node-name=fmt,discard=unmap",
