@@ -67,6 +67,19 @@ struct StartTLSTests {
         #expect(driver.session?.structuredReplies == true)
     }
 
+    @Test("extended headers negotiated before STARTTLS do not survive it")
+    func extendedHeadersReset() throws {
+        var driver = HandshakeDriver.negotiating(tls: .offered)
+        #expect(try driver.send(Client.option(Wire.optExtendedHeaders)).map(\.type) == [Wire.repAck])
+        _ = driver.feed(Client.option(Wire.optStartTLS))
+        #expect(driver.outcome == .startTLS)
+        driver.tlsEstablished()
+        _ = driver.feed(Client.go("disk"))
+        let session = try #require(driver.session)
+        #expect(session.framing == .compact)
+        #expect(session.structuredReplies == false)
+    }
+
     @Test("meta contexts selected before STARTTLS do not survive it")
     func metaContextsReset() throws {
         var driver = HandshakeDriver.negotiating(tls: .offered)
