@@ -1,5 +1,13 @@
 import ArgumentParser
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `tidemark tls init DIR`: a CA, a server and a client certificate in the layout qemu-nbd,
 /// nbdkit, libnbd and `serve --tls-certificates` read, made with openssl.
@@ -68,9 +76,16 @@ struct TLSInitCommand: ParsableCommand {
             throw ValidationError("\(path(name)) exists; remove the old certificates first or choose another DIR")
         }
         let serverHosts = hosts.isEmpty ? defaultHosts() : hosts
-        let work = try fileManager.url(
-            for: .itemReplacementDirectory, in: .userDomainMask, appropriateFor: URL(fileURLWithPath: directory),
-            create: true)
+        // Scratch files (configs, requests, serial) beside the certificates, removed after.
+        var template = Array((directory + "/.tls-init-XXXXXX").utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { buffer -> UnsafeMutablePointer<CChar>? in
+            guard let base = buffer.baseAddress else { return nil }
+            return mkdtemp(base)
+        }
+        guard made != nil else {
+            throw ValidationError("cannot create a scratch folder in \(directory): \(String(cString: strerror(errno)))")
+        }
+        let work = URL(fileURLWithPath: String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self))
         defer { try? fileManager.removeItem(at: work) }
 
         try makeKey("ca-key.pem")
@@ -147,8 +162,11 @@ struct TLSInitCommand: ParsableCommand {
 
     private func defaultHosts() -> [String] {
         var result = ["localhost", "127.0.0.1", "::1"]
-        let name = ProcessInfo.processInfo.hostName
-        if !name.isEmpty && !result.contains(name) { result.append(name) }
+        var buffer = [CChar](repeating: 0, count: 256)
+        if gethostname(&buffer, buffer.count - 1) == 0 {
+            let name = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if !name.isEmpty && !result.contains(name) { result.append(name) }
+        }
         return result
     }
 
@@ -156,23 +174,46 @@ struct TLSInitCommand: ParsableCommand {
         host.contains(":") || (host.split(separator: ".").count == 4 && host.allSatisfy { $0.isNumber || $0 == "." })
     }
 
+    /// Runs `openssl ARGUMENTS` (from PATH) with stdin from /dev/null; its output is shown
+    /// only when it fails.
     private func openssl(_ arguments: [String]) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["openssl"] + arguments
-        let errors = Pipe()
-        process.standardError = errors
-        process.standardOutput = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw ValidationError("cannot run openssl (install Debian's openssl package): \(error)")
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { throw ValidationError("cannot create a pipe: \(String(cString: strerror(errno)))") }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, ends[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, ends[1], 2)
+        posix_spawn_file_actions_addclose(&actions, ends[0])
+        posix_spawn_file_actions_addclose(&actions, ends[1])
+        let argv: [UnsafeMutablePointer<CChar>?] = (["openssl"] + arguments).map { strdup($0) } + [nil]
+        defer { for argument in argv { free(argument) } }
+        var pid = pid_t()
+        let spawned = posix_spawnp(&pid, "openssl", &actions, nil, argv, environ)
+        close(ends[1])
+        guard spawned == 0 else {
+            close(ends[0])
+            throw ValidationError("cannot run openssl (install Debian's openssl package): \(String(cString: strerror(spawned)))")
         }
-        let message = errors.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw ValidationError(
-                "openssl \(arguments.first ?? "") failed: \(String(decoding: message, as: UTF8.self))")
+        var output: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { read(ends[0], $0.baseAddress, $0.count) }
+            if count > 0 {
+                if output.count < 1 << 16 { output += chunk[0..<count] }
+            } else if count < 0 && errno == EINTR {
+                continue
+            } else {
+                break
+            }
+        }
+        close(ends[0])
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        // WIFEXITED and WEXITSTATUS, which Swift does not import.
+        guard status & 0x7f == 0, (status >> 8) & 0xff == 0 else {
+            throw ValidationError("openssl \(arguments.first ?? "") failed: \(String(decoding: output, as: UTF8.self))")
         }
     }
 }
