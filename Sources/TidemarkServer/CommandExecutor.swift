@@ -25,7 +25,10 @@ enum CommandResult {
 /// `ExportWrites.modify` runs each one's whole sequence (inline when nothing blocks, on
 /// the pool otherwise); this encodes the reply. Everything captured by pool closures is
 /// `Sendable`: the export, the allocator, plain values.
-struct CommandExecutor {
+///
+/// A class: the handler calls it once per request, and a struct of these fields would be
+/// copied, and its references retained, on every call.
+final class CommandExecutor: Sendable {
     /// Reads at least this long look for holes and send them as OFFSET_HOLE chunks.
     static let sparseReadThreshold: UInt32 = 64 * 1024
     /// Reads longer than this get a buffer of their own instead of growing the shared one.
@@ -38,6 +41,14 @@ struct CommandExecutor {
     let allocator: ByteBufferAllocator
     let pool: NIOThreadPool
     let eventLoop: any EventLoop
+
+    init(export: Export, session: NBDSession, allocator: ByteBufferAllocator, pool: NIOThreadPool, eventLoop: any EventLoop) {
+        self.export = export
+        self.session = session
+        self.allocator = allocator
+        self.pool = pool
+        self.eventLoop = eventLoop
+    }
 
     /// Executes one command; replies that are ready at once are appended to `outbox`, so
     /// a burst of small requests costs one buffer and one socket write.

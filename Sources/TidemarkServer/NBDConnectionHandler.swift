@@ -37,13 +37,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var logger: Logger
 
     private let connection: NBDServerConnection
-    /// Runs the commands of the chosen export; set on entering transmission. Held by
-    /// reference, so the per-request path takes it without copying the executor's fields.
-    private final class Attachment {
-        let executor: CommandExecutor
-        init(_ executor: CommandExecutor) { self.executor = executor }
-    }
-    private var attachment: Attachment?
+    /// Runs the commands of the chosen export; set on entering transmission.
+    private var executor: CommandExecutor?
     private var received: ByteBuffer?
     /// Replies produced during this read burst, written to the socket in one go. Empty
     /// (no storage of its own) between bursts; ``prepareOutbox(context:)`` gives it one.
@@ -319,9 +314,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             "transmission started",
             metadata: ["framing": session.framing == .extended ? "extended headers" : "compact headers"])
         context.triggerUserOutboundEvent(ConnectionExportChosen(exportName: session.exportName), promise: nil)
-        attachment = Attachment(CommandExecutor(
+        executor = CommandExecutor(
             export: export, session: session, allocator: context.channel.allocator, pool: pool,
-            eventLoop: context.eventLoop))
+            eventLoop: context.eventLoop)
         if let serverMetrics {
             requestMetrics = ConnectionMetrics(server: serverMetrics, export: export.name, eventLoop: context.eventLoop)
         }
@@ -330,11 +325,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Requests
 
     private func execute(_ command: NBDCommand, cookie: UInt64, cost: UInt64, context: ChannelHandlerContext) {
-        guard let attachment else { return }
+        guard let executor else { return }
         let start = requestMetrics?.started()
         // Where an inline reply will start, for metrics only.
         let replyStart = outbox.writerIndex
-        let result = attachment.executor.execute(command, cookie: cookie, outbox: &outbox)
+        let result = executor.execute(command, cookie: cookie, outbox: &outbox)
         switch result {
         case .written:
             flushPending = true
