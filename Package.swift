@@ -41,6 +41,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
@@ -59,11 +60,26 @@ let package = Package(
             dependencies: [.product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strictSettings
         ),
+        // TLS credentials for the server: the qemu/nbdkit certificate directory, psktool key
+        // files, client allow-lists, and the context that new connections take (swapped on
+        // reload). Knows nothing of NBD beyond the policy it is configured with.
+        .target(
+            name: "TidemarkTLS",
+            dependencies: [
+                "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
         // NIO pipeline, exports and request execution.
         .target(
             name: "TidemarkServer",
             dependencies: [
-                "NBDProtocol", "BlockStorage", "BackupChain", "DirtyTracking",
+                "NBDProtocol", "BlockStorage", "BackupChain", "DirtyTracking", "TidemarkTLS",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -122,7 +138,7 @@ let package = Package(
             name: "tidemark",
             dependencies: [
                 "TidemarkServer", "TidemarkControl", "QMPWire", "TidemarkService", "TidemarkMetrics", "BlockStorage",
-                "DirtyTracking", "CLinuxIO",
+                "DirtyTracking", "CLinuxIO", "TidemarkTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -161,6 +177,17 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "TidemarkTLSTests",
+            dependencies: [
+                "TidemarkTLS", "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ],
             swiftSettings: strictSettings
         ),

@@ -131,6 +131,8 @@ func drive(_ pieces: [[UInt8]], offersStructuredReplies: Bool) -> Run {
                 finished = true
             case .close:
                 finished = true
+            case .startTLS:
+                fail("STARTTLS accepted by a machine without a TLS policy")
             }
             run.events.append("\(action)")
             run.output += written

@@ -65,6 +65,22 @@ public final class NBDConnection: @unchecked Sendable {
         try call("nbd_set_full_info") { nbd_set_full_info($0, configuration.fullInfo) }
         try call("nbd_set_opt_mode") { nbd_set_opt_mode($0, configuration.optMode) }
         try call("nbd_set_pread_initialize") { nbd_set_pread_initialize($0, configuration.initializeReadBuffers) }
+        try call("nbd_set_uri_allow_local_file") {
+            nbd_set_uri_allow_local_file($0, configuration.allowLocalFilesInURI)
+        }
+        if let tls = configuration.tls {
+            try call("nbd_set_tls") { nbd_set_tls($0, LIBNBD_TLS_REQUIRE) }
+            if let directory = tls.certificatesDirectory {
+                try call("nbd_set_tls_certificates") { nbd_set_tls_certificates($0, directory) }
+            }
+            if let file = tls.pskFile {
+                try call("nbd_set_tls_psk_file") { nbd_set_tls_psk_file($0, file) }
+            }
+            if let username = tls.username {
+                try call("nbd_set_tls_username") { nbd_set_tls_username($0, username) }
+            }
+            try call("nbd_set_tls_verify_peer") { nbd_set_tls_verify_peer($0, tls.verifyPeer) }
+        }
     }
 
     deinit {
@@ -136,6 +152,10 @@ public final class NBDConnection: @unchecked Sendable {
     }
 
     public var isReadOnly: Bool { get throws(NBDClientError) { try flag("nbd_is_read_only") { nbd_is_read_only($0) } } }
+    /// Whether the connection runs over TLS (`nbd_get_tls_negotiated`).
+    public var tlsNegotiated: Bool {
+        get throws(NBDClientError) { try flag("nbd_get_tls_negotiated") { nbd_get_tls_negotiated($0) } }
+    }
     public var canFlush: Bool { get throws(NBDClientError) { try flag("nbd_can_flush") { nbd_can_flush($0) } } }
     public var canFUA: Bool { get throws(NBDClientError) { try flag("nbd_can_fua") { nbd_can_fua($0) } } }
     public var isRotational: Bool { get throws(NBDClientError) { try flag("nbd_is_rotational") { nbd_is_rotational($0) } } }

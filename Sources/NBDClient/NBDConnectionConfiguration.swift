@@ -33,6 +33,12 @@ public struct NBDConnectionConfiguration: Sendable {
     /// look at buffers of successful reads can turn it off and save a memset per read
     /// (6% of a full backup's CPU).
     public var initializeReadBuffers: Bool = true
+    /// TLS settings; nil leaves TLS to the URI (`nbds://` requires it, `nbd://` has none).
+    /// Given, `connect(host:port:)` and `connect(unixSocket:)` require TLS too.
+    public var tls: NBDClientTLS?
+    /// Let URIs name local files (`tls-certificates=`, `tls-psk-file=`), as nbdinfo and
+    /// nbdcopy do (`nbd_set_uri_allow_local_file`). The URIs are the user's own.
+    public var allowLocalFilesInURI: Bool = true
 
     public init(
         exportName: String = "",
@@ -44,7 +50,9 @@ public struct NBDConnectionConfiguration: Sendable {
         fullInfo: Bool = false,
         optMode: Bool = false,
         debug: Bool = false,
-        initializeReadBuffers: Bool = true
+        initializeReadBuffers: Bool = true,
+        tls: NBDClientTLS? = nil,
+        allowLocalFilesInURI: Bool = true
     ) {
         self.exportName = exportName
         self.requestStructuredReplies = requestStructuredReplies
@@ -56,5 +64,7 @@ public struct NBDConnectionConfiguration: Sendable {
         self.optMode = optMode
         self.debug = debug
         self.initializeReadBuffers = initializeReadBuffers
+        self.tls = tls
+        self.allowLocalFilesInURI = allowLocalFilesInURI
     }
 }

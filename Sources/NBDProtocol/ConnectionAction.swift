@@ -25,4 +25,9 @@ public enum ConnectionAction {
     case refused(cookie: UInt64, command: UInt16, error: NBDError, message: String)
     /// Send what the output holds, then close.
     case close(ConnectionCloseReason)
+    /// `NBD_OPT_STARTTLS` was accepted; its ACK is in the output. Send and flush it in
+    /// plaintext, then put TLS in front of the connection and give it the bytes left in
+    /// the input (the start of the client's ClientHello, never NBD options). Nothing is
+    /// decoded until ``NBDServerConnection/tlsEstablished()``.
+    case startTLS
 }

@@ -7,6 +7,8 @@ public enum HandshakeRefusal: Equatable, Sendable, CustomStringConvertible {
     case unknownExport(name: String, option: UInt32)
     /// `NBD_OPT_STARTTLS` on a server without TLS.
     case tlsNotConfigured
+    /// An option other than STARTTLS or ABORT before TLS on a server that requires TLS.
+    case tlsRequired(option: UInt32)
 
     /// The export the client asked for, if the refusal is about one.
     public var exportName: String? {
@@ -20,6 +22,8 @@ public enum HandshakeRefusal: Equatable, Sendable, CustomStringConvertible {
             return "\(NBDNames.option(option)) asked for unknown export '\(name)'"
         case .tlsNotConfigured:
             return "client asked for TLS (NBD_OPT_STARTTLS), which is not configured"
+        case .tlsRequired(let option):
+            return "client sent option \(option) before STARTTLS on a server that requires TLS"
         }
     }
 }

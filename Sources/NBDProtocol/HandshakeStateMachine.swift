@@ -13,6 +13,12 @@ public enum HandshakeAction: Equatable {
     /// Hard-disconnect without replying (protocol violation or an unsatisfiable
     /// `NBD_OPT_EXPORT_NAME`). The output may hold nothing useful.
     case close(HandshakeFailure)
+    /// The client's `NBD_OPT_STARTTLS` was accepted and its ACK is in the output: write and
+    /// flush it in plaintext, then put TLS in front of the connection. Bytes still in the
+    /// input belong to the TLS handshake (the client's ClientHello) and were not parsed:
+    /// hand them to TLS. Call `tlsEstablished()` once the TLS handshake is done; until
+    /// then `process` consumes nothing.
+    case startTLS
 }
 
 /// Why the handshake ended the connection.
@@ -24,6 +30,9 @@ public enum HandshakeFailure: Error, Equatable, CustomStringConvertible {
     case optionNotAllowedWithoutFixedNewstyle(UInt32)
     case unknownExport(String)
     case invalidExportName
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires TLS: the option has no
+    /// error reply, so the spec has the server close.
+    case exportNameBeforeTLS
     /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated, which the spec forbids
     /// (its reply could not say the framing changed); qemu's server drops such clients too.
     case exportNameAfterExtendedHeaders
@@ -38,6 +47,7 @@ public enum HandshakeFailure: Error, Equatable, CustomStringConvertible {
             return "\(NBDNames.option(option)) from a client that did not negotiate fixed newstyle"
         case .unknownExport(let name): return "NBD_OPT_EXPORT_NAME asked for unknown export '\(name)'"
         case .invalidExportName: return "NBD_OPT_EXPORT_NAME with an invalid name"
+        case .exportNameBeforeTLS: return "NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS"
         case .exportNameAfterExtendedHeaders: return "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS"
         }
     }
@@ -52,6 +62,8 @@ public struct HandshakeStateMachine {
     private enum State {
         case awaitingClientFlags
         case negotiating
+        /// STARTTLS was acknowledged; the caller is running the TLS handshake.
+        case awaitingTLS
         case finished
     }
 
@@ -65,6 +77,9 @@ public struct HandshakeStateMachine {
     private var contextsExport: String?
     private var optionCount = 0
     private let offersStructuredReplies: Bool
+    private let tlsPolicy: NBDTLSPolicy
+    /// Whether TLS is up on this connection (STARTTLS succeeded and `tlsEstablished()`).
+    public private(set) var tlsActive = false
     private let offersExtendedHeaders: Bool
     private var pendingRefusal: HandshakeRefusal?
 
@@ -78,9 +93,31 @@ public struct HandshakeStateMachine {
     /// `NBD_REP_ERR_UNSUP`, as a server without them: qemu ≥ 8.2 and libnbd ≥ 1.18 then
     /// fall back to compact headers. Without structured replies there are no extended
     /// headers either (they imply them).
-    public init(offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true) {
+    ///
+    /// `tls` says whether `NBD_OPT_STARTTLS` is accepted and whether anything else is
+    /// answered before it (see `NBDTLSPolicy`).
+    public init(offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true, tls: NBDTLSPolicy = .unavailable) {
         self.offersStructuredReplies = offersStructuredReplies
         self.offersExtendedHeaders = offersExtendedHeaders && offersStructuredReplies
+        self.tlsPolicy = tls
+    }
+
+    /// The caller finished the TLS handshake that `.startTLS` asked for: negotiation
+    /// resumes, encrypted, with nothing carried over from before STARTTLS.
+    public mutating func tlsEstablished() {
+        guard case .awaitingTLS = state else { return }
+        tlsActive = true
+        state = .negotiating
+    }
+
+    /// Forgets everything negotiated so far. STARTTLS calls it: the spec says no state
+    /// negotiated in plaintext may survive into the TLS session (CVE-2021-3716 was a
+    /// structured-reply option injected before STARTTLS and honoured after it).
+    private mutating func resetNegotiation() {
+        structuredReplies = false
+        extendedHeaders = false
+        selectedContexts = []
+        contextsExport = nil
     }
 
     /// The flags the greeting advertises.
@@ -103,7 +140,7 @@ public struct HandshakeStateMachine {
         _ input: inout ByteBuffer, catalog: some NBDExportCatalog, output: inout ByteBuffer
     ) -> HandshakeAction {
         switch state {
-        case .finished:
+        case .finished, .awaitingTLS:
             return .needMoreData
         case .awaitingClientFlags:
             guard let raw = input.readInteger(as: UInt32.self) else { return .needMoreData }
@@ -150,6 +187,19 @@ public struct HandshakeStateMachine {
             return .close(.optionNotAllowedWithoutFixedNewstyle(option))
         }
 
+        if tlsPolicy == .required && !tlsActive && option != NBDOption.startTLS && option != NBDOption.abort {
+            // Nothing about the exports, not even whether one exists, before TLS.
+            if option == NBDOption.exportName {
+                state = .finished
+                return .close(.exportNameBeforeTLS)
+            }
+            pendingRefusal = .tlsRequired(option: option)
+            OptionReplyWriter.error(
+                option, NBDOptionReply.errorTLSRequired, "this server requires TLS: send NBD_OPT_STARTTLS first",
+                into: &output)
+            return .continueNegotiating
+        }
+
         switch option {
         case NBDOption.exportName:
             return handleExportName(data, catalog: catalog, output: &output)
@@ -162,10 +212,17 @@ public struct HandshakeStateMachine {
         case NBDOption.startTLS:
             if data.readableBytes > 0 {
                 OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "STARTTLS takes no data", into: &output)
-            } else {
+            } else if tlsPolicy == .unavailable {
                 pendingRefusal = .tlsNotConfigured
                 OptionReplyWriter.error(
                     option, NBDOptionReply.errorPolicy, "TLS is not configured on this server", into: &output)
+            } else if tlsActive {
+                OptionReplyWriter.error(option, NBDOptionReply.errorInvalid, "TLS is already active", into: &output)
+            } else {
+                OptionReplyWriter.ack(option, into: &output)
+                resetNegotiation()
+                state = .awaitingTLS
+                return .startTLS
             }
         case NBDOption.info, NBDOption.go:
             return handleInfoOrGo(option, &data, catalog: catalog, output: &output)

@@ -28,15 +28,18 @@ public final class NBDServerConnection {
         public var maximumInFlight: Int
         /// READ and WRITE bytes in flight at which reading pauses.
         public var maximumBytesInFlight: UInt64
+        /// Whether STARTTLS is accepted, and whether anything else is answered before it.
+        public var tls: NBDTLSPolicy
 
         public init(
             offersStructuredReplies: Bool = true, offersExtendedHeaders: Bool = true, maximumInFlight: Int = 128,
-            maximumBytesInFlight: UInt64 = 32 << 20
+            maximumBytesInFlight: UInt64 = 32 << 20, tls: NBDTLSPolicy = .unavailable
         ) {
             self.offersStructuredReplies = offersStructuredReplies
             self.offersExtendedHeaders = offersExtendedHeaders
             self.maximumInFlight = maximumInFlight
             self.maximumBytesInFlight = maximumBytesInFlight
+            self.tls = tls
         }
     }
 
@@ -70,7 +73,16 @@ public final class NBDServerConnection {
         self.configuration = configuration
         self.handshake = HandshakeStateMachine(
             offersStructuredReplies: configuration.offersStructuredReplies,
-            offersExtendedHeaders: configuration.offersExtendedHeaders)
+            offersExtendedHeaders: configuration.offersExtendedHeaders, tls: configuration.tls)
+    }
+
+    /// Whether the connection runs over TLS (STARTTLS, then ``tlsEstablished()``).
+    public var tlsActive: Bool { handshake.tlsActive }
+
+    /// The TLS handshake that ``ConnectionAction/startTLS`` asked for is done and the
+    /// client was accepted: negotiation resumes inside TLS, with nothing kept from before.
+    public func tlsEstablished() {
+        handshake.tlsEstablished()
     }
 
     // MARK: - State
@@ -144,6 +156,8 @@ public final class NBDServerConnection {
         case .close(let failure):
             phase = .closed
             return .close(.handshakeFailed(failure))
+        case .startTLS:
+            return .startTLS
         case .enterTransmission(let session):
             phase = .transmission
             decoder = NBDRequestDecoder(framing: session.framing)

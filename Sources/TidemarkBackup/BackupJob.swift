@@ -47,6 +47,9 @@ public struct BackupJob: Sendable {
         /// Read size; nil: from the server's block sizes (see ``BackupSource``).
         public var requestSize: UInt64?
         public var progress: BackupProgressHandler?
+        /// TLS for every connection the backup opens (`--tls-certificates`, `--tls-psk`);
+        /// nil leaves TLS to the URI (`nbds://…?tls-certificates=DIR`).
+        public var tls: NBDClientTLS?
 
         public init(uri: String, directory: String, kind: BackupManifest.Kind, bitmap: String? = nil) {
             self.uri = uri
@@ -100,7 +103,7 @@ public struct BackupJob: Sendable {
             }
         }
         let readsBitmap = options.kind == .incremental ? options.bitmap : nil
-        let (primary, hasAllocation) = try BackupSource.openPrimary(uri: options.uri, bitmap: readsBitmap)
+        let (primary, hasAllocation) = try BackupSource.openPrimary(uri: options.uri, bitmap: readsBitmap, tls: options.tls)
         var connections = [primary]
         defer {
             for connection in connections { try? connection.shutdown() }
@@ -139,7 +142,7 @@ public struct BackupJob: Sendable {
                 options.connections
                 ?? Self.defaultConnections(canMultiConn: (try? primary.canMultiConn) ?? false, requests: requests.count)
             for _ in 1..<max(1, connectionCount) {
-                connections.append(try BackupSource.openSecondary(uri: options.uri))
+                connections.append(try BackupSource.openSecondary(uri: options.uri, tls: options.tls))
             }
             // Small scattered requests (an increment) need a deeper window than 4 MiB ones.
             let averageRequest = requests.isEmpty ? requestSize : plan.bytesToCopy / UInt64(requests.count)

@@ -18,7 +18,7 @@ public enum BackupSource {
     /// The primary connection: `base:allocation` and, when `bitmap` is given, its dirty
     /// bitmap context, both selected. Returns the connection and whether the server
     /// offers `base:allocation`.
-    static func openPrimary(uri: String, bitmap: String?) throws(BackupError) -> (NBDConnection, hasAllocation: Bool) {
+    static func openPrimary(uri: String, bitmap: String?, tls: NBDClientTLS?) throws(BackupError) -> (NBDConnection, hasAllocation: Bool) {
         var contexts = [NBDAllocationFlags.contextName]
         if let bitmap { contexts.append(bitmapContext(bitmap)) }
         let connection: NBDConnection
@@ -26,7 +26,7 @@ public enum BackupSource {
         do {
             // The puller reads only buffers of successful reads: no need to zero them first.
             connection = try NBDConnection(
-                NBDConnectionConfiguration(metaContexts: contexts, optMode: true, initializeReadBuffers: false))
+                NBDConnectionConfiguration(metaContexts: contexts, optMode: true, initializeReadBuffers: false, tls: tls))
             try connection.connect(uri: uri)
             if bitmap != nil {
                 // Only for the error message: a server may not support listing.
@@ -51,9 +51,9 @@ public enum BackupSource {
     }
 
     /// A plain connection for extra parallel reads.
-    static func openSecondary(uri: String) throws(BackupError) -> NBDConnection {
+    static func openSecondary(uri: String, tls: NBDClientTLS?) throws(BackupError) -> NBDConnection {
         do {
-            let connection = try NBDConnection(NBDConnectionConfiguration(initializeReadBuffers: false))
+            let connection = try NBDConnection(NBDConnectionConfiguration(initializeReadBuffers: false, tls: tls))
             try connection.connect(uri: uri)
             return connection
         } catch {

@@ -7,10 +7,10 @@ final class NBDRestoreSink: RestoreSink {
     let uri: String
     let canZero: Bool
 
-    init(uri: String, virtualSize: UInt64) throws(BackupError) {
+    init(uri: String, virtualSize: UInt64, tls: NBDClientTLS?) throws(BackupError) {
         self.uri = uri
         do {
-            connection = try NBDConnection()
+            connection = try NBDConnection(NBDConnectionConfiguration(tls: tls))
             try connection.connect(uri: uri)
             let size = try connection.size
             guard size >= virtualSize else {

@@ -31,11 +31,14 @@ public struct RestoreJob: Sendable {
     public let point: String?
     /// A file path, or an NBD URI (anything starting with `nbd`).
     public let output: String
+    /// TLS for an NBD output (`--tls-certificates`, `--tls-psk`); nil leaves it to the URI.
+    public let tls: NBDClientTLS?
 
-    public init(directory: String, point: String?, output: String) {
+    public init(directory: String, point: String?, output: String, tls: NBDClientTLS? = nil) {
         self.directory = directory
         self.point = point
         self.output = output
+        self.tls = tls
     }
 
     public static func isNBDURI(_ text: String) -> Bool {
@@ -51,7 +54,7 @@ public struct RestoreJob: Sendable {
         let reader = try ChainReader(directory: backups, chain: chain, point: index)
         let sink: any RestoreSink =
             Self.isNBDURI(output)
-            ? try NBDRestoreSink(uri: output, virtualSize: reader.virtualSize)
+            ? try NBDRestoreSink(uri: output, virtualSize: reader.virtualSize, tls: tls)
             : try FileRestoreSink(path: output, virtualSize: reader.virtualSize)
         var written: UInt64 = 0
         var zeroed: UInt64 = 0

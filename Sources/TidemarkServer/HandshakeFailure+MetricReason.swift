@@ -12,6 +12,7 @@ extension HandshakeFailure {
         case .optionNotAllowedWithoutFixedNewstyle: return "needs_fixed_newstyle"
         case .unknownExport: return "unknown_export"
         case .invalidExportName: return "invalid_export_name"
+        case .exportNameBeforeTLS: return "tls_required"
         case .exportNameAfterExtendedHeaders: return "export_name_after_extended_headers"
         }
     }

@@ -2,6 +2,8 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOPosix
+import NIOTLS
+import TidemarkTLS
 
 /// Asks a connection to wind down: finish what is in flight, then close.
 public struct ConnectionShouldQuiesceEvent: Sendable {
@@ -66,16 +68,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// it is in transmission; both nil without `--metrics`.
     private let serverMetrics: ServerMetrics?
     private var requestMetrics: ConnectionMetrics?
+    /// TLS credentials (`serve --tls on|require`); the TLS handler joins the pipeline only
+    /// when the client sends STARTTLS.
+    private let tls: TLSServerCredentials?
+    /// STARTTLS was acknowledged and the TLS handshake is running.
+    private var awaitingTLS = false
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
         offersExtendedHeaders: Bool = true, requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
-        logger: Logger
+        tls: TLSServerCredentials? = nil, logger: Logger
     ) {
         self.serverMetrics = metrics
+        self.tls = tls
         self.connection = NBDServerConnection(
             configuration: .init(
-                offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders))
+                offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders,
+                tls: tls?.policy ?? .unavailable))
         self.registry = registry
         self.pool = pool
         self.handshakeTimeout = handshakeTimeout
@@ -110,11 +119,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        logger.debug("connection error: \(error)")
+        if TLSUpgrade.isUncleanShutdown(error) {
+            // libnbd closes without a TLS close_notify: an ordinary disconnect.
+            logger.debug("client closed its TLS connection without close_notify")
+        } else if awaitingTLS {
+            logger.warning(
+                "TLS handshake failed: \(error)", metadata: ["event": "tls.refused", "reason": "\(error)"])
+            serverMetrics?.handshakeFailed(reason: "tls")
+        } else {
+            logger.debug("connection error: \(error)")
+        }
         endConnection(context: context)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted(let negotiated) = event as? TLSUserEvent {
+            tlsHandshakeCompleted(protocol: negotiated, context: context)
+            return
+        }
         guard event is ConnectionShouldQuiesceEvent else {
             context.fireUserInboundEventTriggered(event)
             return
@@ -230,7 +252,50 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 if let metrics = requestMetrics { metrics.refused(rawCommand: command, startedAt: metrics.started()) }
             case .close(let reason):
                 close(reason, context: context)
+            case .startTLS:
+                startTLS(leftover: &buffer, context: context)
+                return
             }
+        }
+    }
+
+    // MARK: - TLS
+
+    /// Sends the plaintext ACK, then puts TLS in front and hands it the bytes the client
+    /// sent after STARTTLS.
+    private func startTLS(leftover buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        guard let tls else {
+            endConnection(context: context)
+            return
+        }
+        flushIfNeeded(context: context)
+        let leftover = buffer.readableBytes > 0 ? buffer : nil
+        buffer.moveReaderIndex(to: buffer.writerIndex)
+        awaitingTLS = true
+        do {
+            try TLSUpgrade.start(credentials: tls, pipeline: context.pipeline.syncOperations, leftover: leftover)
+        } catch {
+            logger.error("cannot start TLS: \(error)", metadata: ["event": "tls.refused", "reason": "\(error)"])
+            endConnection(context: context)
+        }
+    }
+
+    /// The client finished its TLS handshake: check who it is, then negotiate inside TLS.
+    private func tlsHandshakeCompleted(protocol negotiated: String?, context: ChannelHandlerContext) {
+        guard awaitingTLS, let tls, !connection.isClosed else { return }
+        awaitingTLS = false
+        switch TLSUpgrade.authorize(credentials: tls, pipeline: context.pipeline.syncOperations) {
+        case .refused(let refusal):
+            logger.warning(
+                "TLS refused: \(refusal)", metadata: ["event": "tls.refused", "reason": "\(refusal)"])
+            serverMetrics?.handshakeFailed(reason: "tls")
+            endConnection(context: context)
+        case .allowed(let identity):
+            if let identity { logger[metadataKey: "client"] = .string(identity) }
+            logger.debug("TLS established")
+            connection.tlsEstablished()
+            processReceived(context: context)
+            flushIfNeeded(context: context)
         }
     }
 

@@ -150,6 +150,7 @@ public final class NBDServer: Sendable {
         let timeout = configuration.handshakeTimeout
         let offersStructuredReplies = configuration.offersStructuredReplies
         let offersExtendedHeaders = configuration.offersExtendedHeaders
+        let tls = configuration.tls
         let requestTimeout = configuration.requestTimeout
         let budget = payloadBudget
         let waterMark = Self.writeBufferWaterMark
@@ -182,7 +183,7 @@ public final class NBDServer: Sendable {
                             registry: registry, pool: pool, handshakeTimeout: timeout,
                             offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders,
                             requestTimeout: requestTimeout,
-                            budget: budget, outputLimit: waterMark.high, metrics: metrics, logger: logger))
+                            budget: budget, outputLimit: waterMark.high, metrics: metrics, tls: tls, logger: logger))
                 }
             }
     }

@@ -1,4 +1,5 @@
 import NIOCore
+import TidemarkTLS
 
 /// Where and how a server listens.
 public struct ServerConfiguration: Sendable {
@@ -34,6 +35,9 @@ public struct ServerConfiguration: Sendable {
     /// closed, releasing its buffer. Time spent waiting for the payload budget or for the
     /// client to read replies does not count.
     public var requestTimeout: TimeAmount
+    /// TLS credentials and policy (`serve --tls`); nil serves plaintext only and refuses
+    /// STARTTLS. The TLS handler joins a connection's pipeline only after its STARTTLS.
+    public var tls: TLSServerCredentials?
 
     public init(
         listeners: [Listener],
@@ -44,7 +48,8 @@ public struct ServerConfiguration: Sendable {
         offersStructuredReplies: Bool = true,
         offersExtendedHeaders: Bool = true,
         payloadBudget: Int = PayloadBudget.defaultLimit,
-        requestTimeout: TimeAmount = .seconds(30)
+        requestTimeout: TimeAmount = .seconds(30),
+        tls: TLSServerCredentials? = nil
     ) {
         self.listeners = listeners
         self.maximumConnections = maximumConnections
@@ -55,5 +60,6 @@ public struct ServerConfiguration: Sendable {
         self.offersExtendedHeaders = offersExtendedHeaders
         self.payloadBudget = payloadBudget
         self.requestTimeout = requestTimeout
+        self.tls = tls
     }
 }

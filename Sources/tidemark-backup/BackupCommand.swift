@@ -1,5 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
+import NBDClient
 import TidemarkBackup
 
 /// `tidemark backup full|incremental URI DIR`: pull a backup from any NBD server into a
@@ -20,7 +21,8 @@ struct BackupCommand: ParsableCommand {
 
     /// Options shared by both kinds.
     struct Common: ParsableArguments {
-        @Argument(help: "NBD URI of the export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).")
+        @Argument(
+            help: "NBD URI of the export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH; nbds:// and nbds+unix:// with TLS).")
         var uri: String
         @Argument(help: "Backup directory (created if missing).") var directory: String
         @Option(help: "Parallel NBD connections (default: one per core, up to 4, when the server allows multi-conn; else 1).")
@@ -37,6 +39,7 @@ struct BackupCommand: ParsableCommand {
                 "After the run, write its outcome for node_exporter's textfile collector to PATH (atomically; chain label: DIR).",
                 valueName: "PATH"))
         var metricsFile: String?
+        @OptionGroup var tls: ClientTLSOptions
 
         func validate() throws {
             if let connections, !(1...16).contains(connections) {
@@ -49,6 +52,7 @@ struct BackupCommand: ParsableCommand {
             guard NBDURI.exportName(of: uri) != nil else {
                 throw ValidationError("'\(uri)' is not an NBD URI (nbd://… or nbd+unix://…)")
             }
+            try tls.validate(uri: uri)
         }
 
         /// Runs the job and records its outcome in `--metrics-file`, if given.
@@ -82,6 +86,7 @@ struct BackupCommand: ParsableCommand {
             options.window = inFlight
             options.requestSize = requestSize
             options.progress = display.handler
+            options.tls = tls.settings
             let result: BackupJob.Result
             if let control {
                 guard let bitmap else { throw ValidationError("--control needs --bitmap NAME") }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
+import NBDClient
 import TidemarkBackup
 
 /// `tidemark restore DIR [--at POINT] OUT`: a raw image (or an NBD export) from a chain.
@@ -19,9 +20,17 @@ struct RestoreCommand: ParsableCommand {
     var at: String?
     @Argument(help: "Output: a raw image file (written sparse), or an NBD URI.") var output: String
     @Flag(help: "Print a JSON summary on stdout.") var json = false
+    @OptionGroup var tls: ClientTLSOptions
+
+    func validate() throws {
+        if tls.settings != nil && !RestoreJob.isNBDURI(output) {
+            throw ValidationError("--tls-certificates, --tls-psk and --tls-username apply to an NBD output only")
+        }
+        try tls.validate(uri: output)
+    }
 
     func run() throws {
-        let result = try RestoreJob(directory: directory, point: at, output: output).run()
+        let result = try RestoreJob(directory: directory, point: at, output: output, tls: tls.settings).run()
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]

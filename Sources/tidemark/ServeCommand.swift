@@ -11,6 +11,7 @@ import TidemarkControl
 import TidemarkMetrics
 import TidemarkServer
 import TidemarkService
+import TidemarkTLS
 
 #if canImport(Glibc)
 import Glibc
@@ -142,6 +143,33 @@ struct ServeCommand: AsyncParsableCommand {
             valueName: "ADDR:PORT"))
     var metrics: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "TLS: off, on (offered; plaintext clients still served) or require.",
+            discussion: "on and require need --tls-certificates or --tls-psk."))
+    var tls: TLSMode = .off
+
+    @Option(
+        help: ArgumentHelp(
+            "X.509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem (the qemu-nbd/nbdkit layout; `tidemark tls init DIR` makes them). Reloaded on SIGHUP.",
+            valueName: "DIR"))
+    var tlsCertificates: String?
+
+    @Option(
+        help: ArgumentHelp(
+            "Pre-shared keys: FILE holds psktool's identity:hexkey lines (TLS 1.2). Reloaded on SIGHUP.",
+            valueName: "FILE"))
+    var tlsPsk: String?
+
+    @Flag(help: "Clients must present a certificate signed by ca-cert.pem (mutual TLS).")
+    var tlsVerifyPeer = false
+
+    @Option(
+        help: ArgumentHelp(
+            "Allow only this client (repeatable): a certificate subject as qemu's --tls-authz lists it ('CN=client,O=Example') or a PSK identity.",
+            valueName: "NAME"))
+    var tlsAllow: [String] = []
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -183,6 +211,17 @@ struct ServeCommand: AsyncParsableCommand {
         }
         for spec in bitmaps { _ = try BitmapSpecification(parsing: spec) }
         if let metrics { _ = try MetricsListener(parsing: metrics) }
+        do {
+            try tlsSettings.validate()
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+
+    private var tlsSettings: TLSServerSettings {
+        TLSServerSettings(
+            mode: tls, certificatesDirectory: tlsCertificates, pskFile: tlsPsk, verifyPeer: tlsVerifyPeer,
+            allowedNames: tlsAllow)
     }
 
     func run() async throws {
@@ -206,6 +245,17 @@ struct ServeCommand: AsyncParsableCommand {
         for export in try makeExports(logger: logger) {
             try registry.add(export)
         }
+        var credentials: TLSServerCredentials?
+        if tls != .off {
+            do {
+                let loaded = try TLSServerCredentials(settings: tlsSettings, logger: logger)
+                logger.info("TLS \(tls.rawValue): \(loaded.summary)", metadata: ["event": "tls.loaded"])
+                credentials = loaded
+            } catch {
+                throw ValidationError("\(error)")
+            }
+        }
+        let reloader = credentials.map { CredentialReloader(credentials: $0, logger: logger) }
         let activation = SocketActivation.fromEnvironment()
         if descriptors.soft > descriptors.originalSoft {
             logger.debug("descriptor limit raised from \(descriptors.originalSoft) to \(descriptors.soft)")
@@ -219,7 +269,8 @@ struct ServeCommand: AsyncParsableCommand {
             offersStructuredReplies: !noStructuredReplies,
             offersExtendedHeaders: !noExtendedHeaders,
             payloadBudget: payloadBudget.map { $0 << 20 } ?? PayloadBudget.defaultLimit,
-            requestTimeout: .nanoseconds(Int64(requestTimeout * 1_000_000_000))
+            requestTimeout: .nanoseconds(Int64(requestTimeout * 1_000_000_000)),
+            tls: credentials
         )
         let metricsListener = try metrics.map { try MetricsListener(parsing: $0) }
         let serverMetrics = metricsListener.map { _ in MetricsListener.bootstrap() }
@@ -271,6 +322,7 @@ struct ServeCommand: AsyncParsableCommand {
         await controlPlane.shutdown()
         try? await controlGroup.shutdownGracefully()
         reporter.cancel()
+        reloader?.stop()
         logger.info("stopped", metadata: ["event": "server.stopped"])
     }
 

@@ -12,7 +12,7 @@ struct TidemarkCommand: AsyncParsableCommand {
         abstract: "An NBD server that records every write in dirty bitmaps for incremental backup.",
         version: "0.1.0",
         subcommands: [
-            ServeCommand.self, BitmapCommand.self, CheckpointCommand.self, QueryCommand.self,
+            ServeCommand.self, BitmapCommand.self, CheckpointCommand.self, QueryCommand.self, TLSCommand.self,
             BackupCommandListing.self, RestoreCommandListing.self, VerifyCommandListing.self,
         ]
     )

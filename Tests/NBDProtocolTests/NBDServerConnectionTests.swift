@@ -20,7 +20,7 @@ struct ConnectionDriver {
             let action = connection.next(&input, catalog: TestCatalog.standard, output: &output)
             actions.append(action)
             switch action {
-            case .needMoreData, .pauseReading, .close: return actions
+            case .needMoreData, .pauseReading, .close, .startTLS: return actions
             case .continueNegotiating, .optionRefused, .enterTransmission, .execute, .refused: continue
             }
         }

@@ -288,7 +288,7 @@ struct StreamChecker {
                         if connection.session != negotiated { fail("the machine's session differs from the one announced") }
                         transmissions += 1
                         session = negotiated
-                    case .close, .pauseReading, .execute, .refused:
+                    case .close, .pauseReading, .execute, .refused, .startTLS:
                         return fail("\(action) during the handshake")
                     }
                     continue stepping
@@ -358,7 +358,7 @@ struct StreamChecker {
                         cookie: cookie, command: command, error: error, message: message,
                         structured: current.structuredReplies, into: &expected)
                     if output.bytes != expected.bytes { fail("refusal reply is not the error reply") }
-                case .continueNegotiating, .optionRefused, .enterTransmission, .close:
+                case .continueNegotiating, .optionRefused, .enterTransmission, .close, .startTLS:
                     return fail("\(action) during transmission")
                 }
             }
@@ -417,6 +417,8 @@ struct StreamChecker {
             }
         case .invalidExportName:
             if header?.1 != Wire.optExportName { fail("invalidExportName out of place") }
+        case .exportNameBeforeTLS:
+            fail("exportNameBeforeTLS from a machine without a TLS policy")
         case .exportNameAfterExtendedHeaders:
             fail("exportNameAfterExtendedHeaders with extended headers off")
         }

@@ -14,16 +14,17 @@ struct HandshakeDriver {
     var outcome: HandshakeAction = .needMoreData
     var ended = false
 
-    init(catalog: TestCatalog = .standard, offersStructuredReplies: Bool = true) {
+    init(catalog: TestCatalog = .standard, offersStructuredReplies: Bool = true, tls: NBDTLSPolicy = .unavailable) {
         self.catalog = catalog
-        machine = HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies)
+        machine = HandshakeStateMachine(offersStructuredReplies: offersStructuredReplies, tls: tls)
     }
 
     /// A driver that already sent client flags (fixed newstyle + no zeroes by default).
     static func negotiating(
-        flags: UInt32 = 3, catalog: TestCatalog = .standard, offersStructuredReplies: Bool = true
+        flags: UInt32 = 3, catalog: TestCatalog = .standard, offersStructuredReplies: Bool = true,
+        tls: NBDTLSPolicy = .unavailable
     ) -> HandshakeDriver {
-        var driver = HandshakeDriver(catalog: catalog, offersStructuredReplies: offersStructuredReplies)
+        var driver = HandshakeDriver(catalog: catalog, offersStructuredReplies: offersStructuredReplies, tls: tls)
         _ = driver.feed(Client.flags(flags))
         return driver
     }
@@ -44,13 +45,21 @@ struct HandshakeDriver {
                 continue
             case .needMoreData:
                 outcome = action
-            case .abort, .enterTransmission, .close:
+            case .abort, .enterTransmission, .close, .startTLS:
                 outcome = action
                 ended = true
             }
             break
         }
         return output.bytes
+    }
+
+    /// Completes a TLS handshake that `.startTLS` asked for, as the connection does once
+    /// its TLS handler reports success: negotiation resumes.
+    mutating func tlsEstablished() {
+        machine.tlsEstablished()
+        ended = false
+        outcome = .needMoreData
     }
 
     /// Sends one option and parses the replies it produced.

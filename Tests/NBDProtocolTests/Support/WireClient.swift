@@ -80,6 +80,7 @@ enum Wire {
     static let errInvalid: UInt32 = 0x8000_0003
     static let errUnknown: UInt32 = 0x8000_0006
     static let errTooBig: UInt32 = 0x8000_0009
+    static let errTLSRequired: UInt32 = 0x8000_0005
 
     // Info types.
     static let infoExport: UInt16 = 0

@@ -1,0 +1,276 @@
+import Foundation
+import Logging
+import NBDProtocol
+import NIOCore
+import NIOEmbedded
+import NIOSSL
+import Testing
+import TidemarkTLS
+
+/// Loading credentials and running real TLS handshakes in memory against them.
+@Suite("TLS credentials: loading, X.509 and PSK handshakes, mutual TLS, allow-lists, CRL, reload")
+struct TLSCredentialsTests {
+    let logger = Logger(label: "test")
+
+    func clientConfiguration(_ pki: TestPKI, directory: String? = nil, certificate: String? = nil, key: String? = nil)
+        throws -> TLSConfiguration
+    {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(pki.serverDirectory + "/ca-cert.pem"))
+        configuration.certificateVerification = .noHostnameVerification
+        if let directory {
+            configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(directory + "/client-cert.pem").map { .certificate($0) }
+            configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: directory + "/client-key.pem", format: .pem))
+        }
+        if let certificate, let key {
+            configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(certificate).map { .certificate($0) }
+            configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
+        }
+        return configuration
+    }
+
+    func pskClient(identity: String, key: [UInt8]) -> TLSConfiguration {
+        var configuration = TLSConfiguration.makePreSharedKeyConfiguration()
+        configuration.maximumTLSVersion = .tlsv12
+        configuration.pskClientProvider = { _ in PSKClientIdentityResponse(key: NIOSSLSecureBytes(key), identity: identity) }
+        return configuration
+    }
+
+    @Test("X.509: the server directory loads and a client trusting the CA completes a TLS 1.3 handshake")
+    func x509Handshake() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory), logger: logger)
+        #expect(credentials.policy == .required)
+        let pair = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki))
+        defer { pair.finish() }
+        #expect(pair.handshake())
+        #expect(pair.serverHandler.tlsVersion == .tlsv13)
+        #expect(credentials.authorize(peerCertificate: pair.serverHandler.peerCertificate) == .allowed(identity: nil))
+    }
+
+    @Test("X.509: a TLS record split into 1-byte segments still completes the handshake and carries data")
+    func splitRecords() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory), logger: logger)
+        let pair = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki))
+        defer { pair.finish() }
+        let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
+        _ = pair.server.connect(to: address)
+        _ = pair.client.connect(to: address)
+        pair.shuttle(chunkSize: 1)
+        #expect(pair.serverEvents.handshakeCompleted && pair.clientEvents.handshakeCompleted)
+        try pair.client.writeAndFlush(ByteBuffer(string: "IHAVEOPT")).wait()
+        pair.shuttle(chunkSize: 1)
+        #expect(pair.serverEvents.received == ByteBuffer(string: "IHAVEOPT"))
+    }
+
+    @Test("mutual TLS: a client certificate from the CA is accepted and its subject read as qemu lists it")
+    func mutualTLS() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(
+                mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true,
+                allowedNames: [TestPKI.clientSubject]),
+            logger: logger)
+        let pair = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki, directory: pki.clientDirectory))
+        defer { pair.finish() }
+        #expect(pair.handshake())
+        let certificate = try #require(pair.serverHandler.peerCertificate)
+        #expect(DistinguishedName.subject(of: certificate) == TestPKI.clientSubject)
+        #expect(credentials.authorize(peerCertificate: certificate) == .allowed(identity: TestPKI.clientSubject))
+    }
+
+    @Test("mutual TLS: a client without a certificate fails the handshake")
+    func mutualTLSWithoutCertificate() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true),
+            logger: logger)
+        let pair = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki))
+        defer { pair.finish() }
+        #expect(!pair.handshake())
+        #expect(!pair.serverEvents.errors.isEmpty)
+        #expect(credentials.authorize(peerCertificate: nil) == .refused(.noCertificate))
+    }
+
+    @Test("mutual TLS: a certificate from another CA fails the handshake")
+    func strangerCertificate() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true),
+            logger: logger)
+        let pair = try TLSPair(
+            server: credentials.makeServerHandler(), client: clientConfiguration(pki, directory: pki.strangerDirectory))
+        defer { pair.finish() }
+        #expect(!pair.handshake())
+        #expect(!pair.serverEvents.handshakeCompleted)
+    }
+
+    @Test("mutual TLS: a valid certificate whose subject is not on --tls-allow is refused, naming it")
+    func notOnAllowList() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(
+                mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true,
+                allowedNames: ["CN=someone-else,O=Tidemark Test"]),
+            logger: logger)
+        let pair = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki, directory: pki.clientDirectory))
+        defer { pair.finish() }
+        #expect(pair.handshake())
+        let verdict = credentials.authorize(peerCertificate: pair.serverHandler.peerCertificate)
+        #expect(verdict == .refused(.notAllowed(identity: TestPKI.clientSubject)))
+        if case .refused(let refusal) = verdict { #expect(refusal.description.contains("CN=backup-host")) }
+    }
+
+    @Test("ca-crl.pem: a revoked client certificate is refused, others pass")
+    func revokedCertificate() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList()
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true),
+            logger: logger)
+        #expect(credentials.summary.contains("1 revoked"))
+        let revoked = try TLSPair(
+            server: credentials.makeServerHandler(),
+            client: clientConfiguration(pki, certificate: pki.revokedCertificate, key: pki.revokedKey))
+        defer { revoked.finish() }
+        #expect(revoked.handshake())
+        #expect(
+            credentials.authorize(peerCertificate: revoked.serverHandler.peerCertificate)
+                == .refused(.revoked(subject: TestPKI.revokedSubject)))
+        let good = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki, directory: pki.clientDirectory))
+        defer { good.finish() }
+        #expect(good.handshake())
+        #expect(credentials.authorize(peerCertificate: good.serverHandler.peerCertificate) == .allowed(identity: TestPKI.clientSubject))
+    }
+
+    @Test("PSK: the right identity and key complete a TLS 1.2 ECDHE-PSK-CHACHA20-POLY1305 handshake")
+    func pskHandshake() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, pskFile: pki.pskFile), logger: logger)
+        let pair = try TLSPair(
+            server: credentials.makeServerHandler(), client: pskClient(identity: TestPKI.pskIdentity, key: TestPKI.pskKey))
+        defer { pair.finish() }
+        #expect(pair.handshake())
+        #expect(pair.serverHandler.tlsVersion == .tlsv12)
+    }
+
+    @Test("PSK: a wrong key, an unknown identity, or an identity not on --tls-allow fail the handshake",
+          arguments: [("alice", false, [UInt8](repeating: 7, count: 32)), ("mallory", false, TestPKI.pskKey), ("alice", true, TestPKI.pskKey)])
+    func pskRefused(identity: String, restricted: Bool, key: [UInt8]) throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, pskFile: pki.pskFile, allowedNames: restricted ? ["bob"] : []),
+            logger: logger)
+        let pair = try TLSPair(server: credentials.makeServerHandler(), client: pskClient(identity: identity, key: key))
+        defer { pair.finish() }
+        #expect(!pair.handshake())
+        #expect(!pair.serverEvents.handshakeCompleted)
+    }
+
+    @Test("a missing file, bad PEM and a key of another certificate are reported with the file's name")
+    func loadingErrors() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let settings = TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory)
+        let key = pki.serverDirectory + "/server-key.pem"
+        let saved = try Data(contentsOf: URL(fileURLWithPath: key))
+
+        try FileManager.default.removeItem(atPath: key)
+        #expect(throws: TLSCredentialsError.missingFile(path: key, role: "server private key")) {
+            try TLSServerCredentials(settings: settings, logger: logger)
+        }
+        try Data("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n".utf8).write(to: URL(fileURLWithPath: key))
+        #expect(throws: TLSCredentialsError.badPEM(path: key, role: "private key")) {
+            try TLSServerCredentials(settings: settings, logger: logger)
+        }
+        try FileManager.default.copyItem(atPath: pki.clientDirectory + "/client-key.pem", toPath: key + ".other")
+        try FileManager.default.removeItem(atPath: key)
+        try FileManager.default.moveItem(atPath: key + ".other", toPath: key)
+        #expect(throws: TLSCredentialsError.keyMismatch(certificate: pki.serverDirectory + "/server-cert.pem", key: key)) {
+            try TLSServerCredentials(settings: settings, logger: logger)
+        }
+        try saved.write(to: URL(fileURLWithPath: key))
+        let cert = pki.serverDirectory + "/server-cert.pem"
+        try Data("not a certificate".utf8).write(to: URL(fileURLWithPath: cert))
+        #expect(throws: TLSCredentialsError.badPEM(path: cert, role: "server certificate")) {
+            try TLSServerCredentials(settings: settings, logger: logger)
+        }
+    }
+
+    @Test("reload: new handlers use the new certificate; a handshake begun before keeps the old; a failed reload keeps the old")
+    func reload() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory), logger: logger)
+        let before = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki))
+        defer { before.finish() }
+        #expect(before.handshake())
+        let oldSerial = try NIOSSLCertificate.fromPEMFile(pki.serverDirectory + "/server-cert.pem").first?.serialNumber
+
+        // Renew: the server certificate re-issued for the same key with a new serial.
+        try TestPKI.openssl([
+            "req", "-new", "-key", pki.serverDirectory + "/server-key.pem", "-out", pki.root + "/work/server.csr",
+            "-subj", "/O=Tidemark Test/CN=localhost",
+        ])
+        try TestPKI.openssl([
+            "x509", "-req", "-in", pki.root + "/work/server.csr", "-CA", pki.serverDirectory + "/ca-cert.pem",
+            "-CAkey", pki.root + "/work/ca-key.pem", "-set_serial", "4242", "-out", pki.serverDirectory + "/server-cert.pem",
+            "-days", "30",
+        ])
+        try credentials.reload()
+        let after = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki))
+        defer { after.finish() }
+        #expect(after.handshake())
+        let newSerial = try NIOSSLCertificate.fromPEMFile(pki.serverDirectory + "/server-cert.pem").first?.serialNumber
+        #expect(newSerial != oldSerial)
+        // What the new client saw is the renewed certificate.
+        #expect(try after.client.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate?.serialNumber == newSerial)
+        #expect(try before.client.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate?.serialNumber == oldSerial)
+        // The established session still carries data after the reload.
+        try before.client.writeAndFlush(ByteBuffer(string: "still here")).wait()
+        before.shuttle()
+        #expect(before.serverEvents.received == ByteBuffer(string: "still here"))
+
+        // A broken file: reload fails, the loaded credentials keep working.
+        try Data("broken".utf8).write(to: URL(fileURLWithPath: pki.serverDirectory + "/server-cert.pem"))
+        #expect(throws: TLSCredentialsError.self) { try credentials.reload() }
+        let stillGood = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki))
+        defer { stillGood.finish() }
+        #expect(stillGood.handshake())
+    }
+
+    @Test("garbage instead of a ClientHello fails the handshake without a trap")
+    func garbageClientHello() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory), logger: logger)
+        let server = EmbeddedChannel()
+        let events = EventRecorder()
+        try server.pipeline.syncOperations.addHandlers([credentials.makeServerHandler(), events])
+        _ = server.connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: 1))
+        do {
+            try server.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n" + String(repeating: "\u{0}", count: 300)))
+        } catch {
+            events.errors.append(error)
+        }
+        #expect(!events.errors.isEmpty || !server.isActive)
+        #expect(!events.handshakeCompleted)
+        server.close(promise: nil)
+        server.embeddedEventLoop.advanceTime(by: .seconds(60))
+    }
+}
