@@ -1,7 +1,8 @@
 /// A fixed-size set of granule indices, one bit each.
 ///
 /// The bookkeeping of a point-in-time view (which granules were claimed for copying,
-/// which are preserved): 2 bits per 64 KiB, 4 MiB for a 1 TiB image, mutated in place.
+/// which are preserved): 2 bits per granule, at most 16 MiB
+/// (`PointInTimeView.maximumGranules`), mutated in place.
 struct GranuleSet: Sendable {
     private var words: [UInt64]
     let count: Int

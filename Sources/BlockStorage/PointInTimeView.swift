@@ -11,12 +11,28 @@ import Glibc
 /// the same offset (holes stay holes, so the sidecar grows only with overwritten data).
 /// Reads take preserved granules from the sidecar and the rest from the image.
 ///
+/// A view's granule (its preservation unit) is a page, 4 KiB, not the bitmaps' 64 KiB: a
+/// 4 KiB write copies the 4 KiB it overwrites, not 60 KiB more that nobody changed. A
+/// backup window's first pass of 4 KiB writes into fresh 64 KiB granules ran at
+/// 0.03–0.09× the IOPS with no view open when every write copied 64 KiB.
+///
 /// Readers never block writers: a read of a granule not yet preserved reads the image,
 /// then checks that nobody claimed the granule meanwhile (a writer claims before it
 /// copies, and writes only after the copy), and re-reads it from the sidecar otherwise.
 public final class PointInTimeView: Sendable {
-    /// Copy-before-write unit: 2 bits of bookkeeping per granule, one copy per granule.
-    public static let defaultGranularity: UInt64 = 64 * 1024
+    /// The smallest copy-before-write unit: a page, what one small write changes.
+    public static let minimumGranularity: UInt64 = 4096
+    /// The most granules a view tracks: 2 bits each, so 16 MiB of bookkeeping at most.
+    public static let maximumGranules: UInt64 = 1 << 26
+
+    /// The preservation unit for an image of `size` bytes: 4 KiB, doubled only as far as
+    /// the bookkeeping cap needs (4 KiB up to 256 GiB, 16 KiB for 1 TiB).
+    public static func granularity(forImageSize size: UInt64) -> UInt64 {
+        var granularity = minimumGranularity
+        // Granules rounded up: a partial last granule counts.
+        while size / granularity + (size % granularity == 0 ? 0 : 1) > maximumGranules { granularity <<= 1 }
+        return granularity
+    }
 
     struct State {
         /// Granules a writer has started copying (or finished).
@@ -64,7 +80,10 @@ public final class PointInTimeView: Sendable {
     /// Creates the view and its empty sidecar (replacing a stale file at `sidecarPath`).
     /// The view preserves nothing and serves nothing useful until `activate()`: the caller
     /// first lets writes from before the instant land.
-    public init(image: RawImage, sidecarPath: String?, granularity: UInt64 = defaultGranularity) throws(StorageError) {
+    /// - Parameter granularity: the preservation unit, a power of two; nil for
+    ///   `granularity(forImageSize:)`.
+    public init(image: RawImage, sidecarPath: String?, granularity: UInt64? = nil) throws(StorageError) {
+        let granularity = granularity ?? Self.granularity(forImageSize: image.size)
         precondition(granularity > 0 && granularity & (granularity - 1) == 0, "granularity must be a power of two")
         self.image = image
         self.granularity = granularity
@@ -197,6 +216,108 @@ public final class PointInTimeView: Sendable {
             }
         }
         if othersCopying { waitUntilPreserved(range) }
+    }
+
+    /// The most old data `preserveIfNonBlocking` copies: two pages, what a small write
+    /// straddling a page boundary changes. Larger copies go to the I/O pool.
+    public static let nonBlockingCopyLimit = 8192
+
+    /// Preserves the range at once when that cannot wait for the disk or for another
+    /// writer: the old data is in the page cache and at most `nonBlockingCopyLimit` bytes
+    /// of it are not preserved yet. For the event loop: a small first write after a view
+    /// opens copies its page in place instead of hopping to the I/O pool and back.
+    ///
+    /// The old data is read before the granules are claimed, which is safe because no
+    /// writer changes a granule before claiming it and claims are never undone: if the
+    /// claim succeeds, nobody wrote the granule since the instant. A page of zeros stays a
+    /// hole in the sidecar (it reads the same).
+    /// - Returns: true when the write may go on (the range is preserved, or the view is
+    ///   closed or broken and keeps nothing); false when the caller must `preserve` on the
+    ///   pool (or wait for the view to become active).
+    public func preserveIfNonBlocking(offset: UInt64, length: UInt64) -> Bool {
+        guard let sidecar, let range = granules(offset: offset, length: length) else { return true }
+        // A small write: one granule, or two where it straddles a boundary.
+        guard range.count <= 2, UInt64(range.count) * granularity <= UInt64(Self.nonBlockingCopyLimit) else { return false }
+        // 1. Which of its granules need a copy; none may be another writer's copy in progress.
+        enum Plan { case done, pool, copy(low: Bool, high: Bool) }
+        let plan = state.withLock { state -> Plan in
+            guard state.active else { return .pool }
+            guard state.unavailability == nil else { return .done }
+            var need = (low: false, high: false)
+            for index in range where !state.preserved.contains(index) {
+                if state.claimed.contains(index) { return .pool }
+                if index == range.lowerBound { need.low = true } else { need.high = true }
+            }
+            return need.low || need.high ? .copy(low: need.low, high: need.high) : .done
+        }
+        let low: Bool
+        let high: Bool
+        switch plan {
+        case .done: return true
+        case .pool: return false
+        case .copy(let l, let h): (low, high) = (l, h)
+        }
+        let first = range.lowerBound
+        let last = range.upperBound
+        let needs = { (index: Int) -> Bool in index == first ? low : high }
+        let start = UInt64(first) * granularity
+        let end = min(UInt64(last + 1) * granularity, size)
+        return withUnsafeTemporaryAllocation(byteCount: Self.nonBlockingCopyLimit, alignment: 4096) { buffer -> Bool in
+            // 2. Read the old data of the granules from the page cache only.
+            let old = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(end - start)])
+            guard image.readIfCached(into: old, at: start) else { return false }
+            // 3. Claim; a writer that claimed meanwhile owns the copy, and the pool waits for it.
+            enum Claim { case claimed, gone, taken }
+            let claim = state.withLock { state -> Claim in
+                guard state.unavailability == nil else { return .gone }
+                for index in range where needs(index) && state.claimed.contains(index) { return .taken }
+                for index in range where needs(index) { state.claimed.insert(index) }
+                state.copying += 1
+                return .claimed
+            }
+            switch claim {
+            case .gone: return true
+            case .taken: return false
+            case .claimed: break
+            }
+            // 4. Keep the old data (pages of zeros stay holes), then mark it preserved.
+            do throws(StorageError) {
+                for index in range where needs(index) {
+                    let from = UInt64(index) * granularity - start
+                    let to = min(UInt64(index + 1) * granularity, size) - start
+                    let part = UnsafeRawBufferPointer(rebasing: old[Int(from)..<Int(to)])
+                    if !Self.isZero(part) { try sidecar.write(part, at: start + from) }
+                }
+            } catch {
+                settle { state in
+                    state.failure = state.failure ?? .viewUnavailable(reason: "copy-before-write failed: \(error)")
+                    state.copying -= 1
+                }
+                return true
+            }
+            settle { state in
+                for index in range where needs(index) {
+                    state.preserved.insert(index)
+                    state.preservedCount += 1
+                }
+                state.copying -= 1
+            }
+            return true
+        }
+    }
+
+    /// True when every byte is zero (8 bytes at a time).
+    private static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var index = 0
+        while index + 8 <= bytes.count {
+            if bytes.loadUnaligned(fromByteOffset: index, as: UInt64.self) != 0 { return false }
+            index += 8
+        }
+        while index < bytes.count {
+            if bytes[index] != 0 { return false }
+            index += 1
+        }
+        return true
     }
 
     /// Copies the data runs of the granules (holes stay holes in the sidecar), in the

@@ -45,7 +45,8 @@ import Glibc
 ///
 /// Waiting: event loops never block on any of these. A write that must wait for a view
 /// to become active parks on a future; journal fsyncs, copies and waits for another
-/// writer's copy run on the I/O pool; a checkpoint waits for its epoch's writes on the
+/// writer's copy run on the I/O pool, except a small write's copy of a page or two of
+/// cached old data (`PointInTimeView.preserveIfNonBlocking`), which the loop makes itself; a checkpoint waits for its epoch's writes on the
 /// control thread, asleep on a condition variable.
 final class ExportWrites: Sendable {
     let image: RawImage
@@ -119,11 +120,15 @@ final class ExportWrites: Sendable {
         let preserveInto = views.targets(offset: offset, length: length, epoch: mark.epoch)
         var change = change
         var offset = offset
-        // 3. Nothing to journal or preserve: a plain write goes to the page cache at
-        //    once, and if it took every byte, the modification is over.
-        //    (Not into an overlay: a write to a granule it does not hold yet first copies the
-        //    chain's granule in, on the pool.)
-        if mark.journalRegions == nil && preserveInto.isEmpty && overlay == nil, case .write(let payload, fua: false) = change {
+        // 3. Nothing to journal, and nothing to preserve or only a page or two of old
+        //    data in the page cache, copied here (`preserveIfNonBlocking`): a plain write
+        //    goes to the page cache at once, and if it took every byte, the modification
+        //    is over. Otherwise, what is left of it goes to the pool; a view the copy here
+        //    covered needs nothing more there. (Not into an overlay: a write to a granule
+        //    it does not hold yet first copies the chain's granule in, on the pool.)
+        if mark.journalRegions == nil && overlay == nil, case .write(let payload, fua: false) = change,
+            preserveInto.allSatisfy({ $0.view.preserveIfNonBlocking(offset: offset, length: length) })
+        {
             let done = payload.withUnsafeReadableBytes { image.writeIfNonBlocking($0, at: offset) }
             if done == payload.readableBytes {
                 if length >= Self.bulkWriteLength { image.startWriteback(at: offset, length: length) }
