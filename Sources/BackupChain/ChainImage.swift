@@ -214,16 +214,11 @@ public final class ChainImage: ImageReader, @unchecked Sendable {
         return true
     }
 
-    private func checkRange(_ offset: UInt64, _ length: UInt64) throws(StorageError) {
-        let (end, overflow) = offset.addingReportingOverflow(length)
-        guard !overflow, end <= size else { throw StorageError.outOfRange(offset: offset, length: length, size: size) }
-    }
-
     // MARK: - ImageReader
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         guard let base = buffer.baseAddress else { return }
-        try checkRange(offset, UInt64(buffer.count))
+        try StorageError.checkRange(offset: offset, length: UInt64(buffer.count), size: size)
         _ = try forEachRun(from: offset, to: offset + UInt64(buffer.count), cachedOnly: false) {
             (run, position, length) throws(StorageError) in
             let target = base + Int(position - offset)
@@ -242,7 +237,7 @@ public final class ChainImage: ImageReader, @unchecked Sendable {
 
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
         guard let base = buffer.baseAddress else { return true }
-        guard (try? checkRange(offset, UInt64(buffer.count))) != nil else { return false }
+        guard (try? StorageError.checkRange(offset: offset, length: UInt64(buffer.count), size: size)) != nil else { return false }
         var complete = true
         let finished =
             (try? forEachRun(from: offset, to: offset + UInt64(buffer.count), cachedOnly: true) {

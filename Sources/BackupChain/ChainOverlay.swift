@@ -172,16 +172,11 @@ public final class ChainOverlay: ImageReader, Sendable {
         }
     }
 
-    private func checkRange(_ offset: UInt64, _ length: UInt64) throws(StorageError) {
-        let (end, overflow) = offset.addingReportingOverflow(length)
-        guard !overflow, end <= size else { throw StorageError.outOfRange(offset: offset, length: length, size: size) }
-    }
-
     // MARK: - ImageReader
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         guard let base = buffer.baseAddress else { return }
-        try checkRange(offset, UInt64(buffer.count))
+        try StorageError.checkRange(offset: offset, length: UInt64(buffer.count), size: size)
         try forEachRun(offset, offset + UInt64(buffer.count)) { (inOverlay, position, length) throws(StorageError) in
             let target = UnsafeMutableRawBufferPointer(start: base + Int(position - offset), count: Int(length))
             if inOverlay {
@@ -195,7 +190,7 @@ public final class ChainOverlay: ImageReader, Sendable {
 
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
         guard let base = buffer.baseAddress else { return true }
-        guard (try? checkRange(offset, UInt64(buffer.count))) != nil else { return false }
+        guard (try? StorageError.checkRange(offset: offset, length: UInt64(buffer.count), size: size)) != nil else { return false }
         var complete = true
         try? forEachRun(offset, offset + UInt64(buffer.count)) { (inOverlay, position, length) throws(StorageError) in
             let target = UnsafeMutableRawBufferPointer(start: base + Int(position - offset), count: Int(length))
@@ -263,7 +258,7 @@ public final class ChainOverlay: ImageReader, Sendable {
     private func modify(
         offset: UInt64, length: UInt64, fastOnly: Bool, _ change: () throws(StorageError) -> Void
     ) throws(StorageError) {
-        try checkRange(offset, length)
+        try StorageError.checkRange(offset: offset, length: length, size: size)
         let range = granules(offset, length)
         if allWritten(range) {
             try change()

@@ -57,3 +57,12 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
         }
     }
 }
+
+extension StorageError {
+    /// Throws `.outOfRange` unless `offset + length` lies within an image of `size` bytes
+    /// (an overflowing sum is out of range).
+    public static func checkRange(offset: UInt64, length: UInt64, size: UInt64) throws(StorageError) {
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= size else { throw StorageError.outOfRange(offset: offset, length: length, size: size) }
+    }
+}

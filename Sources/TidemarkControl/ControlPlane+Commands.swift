@@ -259,12 +259,7 @@ extension ControlPlane {
         } catch {
             throw QMPError(.genericError, "\(error)")
         }
-        do {
-            try registry.add(export)
-        } catch {
-            export.closeUnserved()
-            throw QMPError(.genericError, error.description)
-        }
+        try register(export)
         adoptPendingCheckpoints(of: export)
         return [:]
     }
@@ -408,5 +403,18 @@ extension ControlPlane {
             completing ? ["node": .string(node), "name": .string(name)]
                 : ["node": .string(node), "name": .string(name), "reason": "requested"])
         return [:]
+    }
+}
+
+extension ControlPlane {
+    /// Serves a newly opened export; one that cannot be added (a name or id in use) is
+    /// closed again before the error goes back to the client.
+    func register(_ export: Export) throws(QMPError) {
+        do {
+            try registry.add(export)
+        } catch {
+            export.closeUnserved()
+            throw QMPError(.genericError, error.description)
+        }
     }
 }

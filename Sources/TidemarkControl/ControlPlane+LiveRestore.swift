@@ -29,12 +29,7 @@ extension ControlPlane {
         } catch {
             throw QMPError(.genericError, "\(error)")
         }
-        do {
-            try registry.add(export)
-        } catch {
-            export.closeUnserved()
-            throw QMPError(.genericError, error.description)
-        }
+        try register(export)
         copier.start { [self] failure in
             var data: [String: JSONValue] = ["id": .string(id), "target": .string(target)]
             if let failure { data["error"] = .string(failure) }
