@@ -59,6 +59,8 @@ func checkDisposition(_ disposition: RequestDisposition, _ request: NBDRequest, 
         require(message.utf8.count <= 4096, "long message")
     case .execute(let cookie, let command):
         require(cookie == request.cookie, "execute with another cookie")
+        require(request.type == NBDCommandType.write.rawValue || !request.flags.contains(.payloadLength),
+                "PAYLOAD_LEN let through on a command without a payload")
         switch command {
         case .read(let offset, let length, _):
             require(request.type == 0 && length <= NBDLimits.maximumPayload, "bad READ")
@@ -156,7 +158,9 @@ func drive(_ pieces: [[UInt8]], stream: [UInt8], config: UInt8, limits: UInt8, s
                     position += headerSize + Int(length)
                 } else {
                     require(request.payload == nil, "payload on a non-WRITE")
-                    require(framing == .compact || !request.flags.contains(.payloadLength), "PAYLOAD_LEN payload not drained")
+                    // PAYLOAD_LEN with length 0 has nothing to drain; the machine refuses the flag.
+                    require(framing == .compact || !request.flags.contains(.payloadLength) || request.length == 0,
+                            "PAYLOAD_LEN payload not drained")
                     position += headerSize
                 }
                 let disposition = machine.received(request)

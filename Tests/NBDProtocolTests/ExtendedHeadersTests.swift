@@ -543,4 +543,19 @@ struct ExtendedTransmissionTests {
         #expect(error == Wire.EINVAL || error == Wire.ENOSPC)
         guard case .refused(5, _, _, _) = action else { Issue.record("\(action)"); return }
     }
+
+    /// FuzzRequests (Fuzz/corpus/requests/regress-payload-len-zero): PAYLOAD_LEN with length 0
+    /// on a command without a payload form leaves nothing to drain; the flag alone is refused.
+    @Test(
+        "PAYLOAD_LEN with length 0 on a non-WRITE (or an unknown command): EINVAL, nothing drained, the next request served",
+        arguments: [Wire.cmdTrim, Wire.cmdCache, Wire.cmdBlockStatus, UInt16(0x9513)])
+    func payloadLengthZero(type: UInt16) throws {
+        let (chunk, action) = try Self.refusal(
+            ExtendedWire.request(type: type, flags: ExtendedWire.flagPayloadLength, cookie: 5, offset: 8192, length: 0))
+        #expect(chunk.type == ExtendedWire.chunkError)
+        #expect(chunk.cookie == 5)
+        var reader = ByteReader(chunk.payload)
+        #expect(reader.u32() == Wire.EINVAL)
+        guard case .refused(5, type, _, _) = action else { Issue.record("\(action)"); return }
+    }
 }
