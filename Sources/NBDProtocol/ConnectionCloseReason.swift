@@ -10,7 +10,7 @@ public enum ConnectionCloseReason: Equatable, Sendable, CustomStringConvertible 
     /// A request's framing was broken (bad magic, an undrainable payload): the stream
     /// cannot be trusted after it.
     case framingError(RequestFramingError)
-    /// `NBD_CMD_DISC`, and every reply before it is out.
+    /// `NBD_CMD_DISC`, or the client shut its sending side; every reply before it is out.
     case clientDisconnected
     /// The server is stopping, and every reply in flight is out.
     case quiesced

@@ -68,6 +68,9 @@ public final class NBDServerConnection {
     /// A stop was asked for: no new request is decoded, and the connection closes once
     /// nothing is in flight.
     public private(set) var isQuiescing = false
+    /// The client shut its sending side and every request it sent was decoded: the
+    /// connection closes once nothing is in flight.
+    public private(set) var inputHasEnded = false
 
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
@@ -101,7 +104,7 @@ public final class NBDServerConnection {
     /// flight at the limit, a disconnect being drained, a stop.
     public var isHoldingInput: Bool {
         // Read through the optional in place: binding it would copy the session.
-        phase == .transmission && (isQuiescing || transmission?.shouldPauseReading == true)
+        phase == .transmission && (isQuiescing || inputHasEnded || transmission?.shouldPauseReading == true)
     }
 
     /// Bytes still to come before the request at the front of `input` is complete (see
@@ -207,9 +210,9 @@ public final class NBDServerConnection {
             phase = .closed
             return .close(.clientDisconnected)
         case .none, .resumeReading:
-            if isQuiescing && inFlight == 0 {
+            if (isQuiescing || inputHasEnded) && inFlight == 0 {
                 phase = .closed
-                return .close(.quiesced)
+                return .close(isQuiescing ? .quiesced : .clientDisconnected)
             }
             return action == .resumeReading ? .resumeReading : .none
         }
@@ -229,6 +232,25 @@ public final class NBDServerConnection {
             guard inFlight == 0 else { return nil }
             phase = .closed
             return .quiesced
+        }
+    }
+
+    /// The client shut its sending side (libnbd does right after `NBD_CMD_DISC`, with a TLS
+    /// close_notify first) and every request it sent before was decoded: the replies of
+    /// those in flight must still reach it. Returns the reason to close now, or nil while
+    /// replies are in flight (the last ``requestCompleted(cost:)`` then says close).
+    public func inputEnded() -> ConnectionCloseReason? {
+        switch phase {
+        case .closed:
+            return nil
+        case .handshake:
+            phase = .closed
+            return .clientDisconnected
+        case .transmission:
+            inputHasEnded = true
+            guard inFlight == 0 else { return nil }
+            phase = .closed
+            return .clientDisconnected
         }
     }
 

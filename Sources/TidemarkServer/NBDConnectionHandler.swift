@@ -73,6 +73,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let tls: TLSServerCredentials?
     /// STARTTLS was acknowledged and the TLS handshake is running.
     private var awaitingTLS = false
+    /// The client shut its sending side (the channel allows half-closure): what it sent
+    /// is still served and answered, then the connection closes.
+    private var clientInputEnded = false
     /// TLS is in the pipeline: replies are handed to it in flushes of at most
     /// `tlsFlushUnit` bytes (see ``send(_:context:)``).
     private var encrypting = false
@@ -155,6 +158,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             tlsHandshakeCompleted(protocol: negotiated, context: context)
             return
         }
+        if case .inputClosed = event as? ChannelEvent {
+            clientInputEnded = true
+            guard connection.isInTransmission, !awaitingTLS else {
+                endConnection(context: context)
+                return
+            }
+            processReceived(context: context)
+            return
+        }
         guard event is ConnectionShouldQuiesceEvent else {
             context.fireUserInboundEventTriggered(event)
             return
@@ -165,6 +177,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Inbound bytes
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Closing: the client's last replies may still be going out; nothing more is read.
+        guard !channelClosing else { return }
         readBytes(unwrapInboundIn(data), context: context)
         if received != nil { notePartialInput(context: context) }
     }
@@ -234,6 +248,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func processReceived(context: ChannelHandlerContext) {
+        defer { if clientInputEnded { endInputIfDecoded(context: context) } }
         guard var buffer = received else { return }
         received = nil
         pump(&buffer, context: context)
@@ -241,6 +256,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard buffer.readableBytes > 0 else { return }
         reserveForNextRequest(&buffer, context: context)
         received = buffer
+    }
+
+    /// After the client shut its sending side: once no whole request is left in the
+    /// buffer (a partial one never completes), the machine closes when nothing is in flight.
+    private func endInputIfDecoded(context: ChannelHandlerContext) {
+        guard !channelClosing, !connection.isClosed, !connection.inputHasEnded else { return }
+        if let buffer = received, buffer.readableBytes > 0, connection.bytesMissing(in: buffer) == 0 { return }
+        received = nil
+        if let reason = connection.inputEnded() { close(reason, context: context) }
     }
 
     /// Steps the connection machine over the buffered bytes until it needs more, holds
@@ -625,11 +649,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .clientAborted, .quiesced:
             break
         }
-        endConnection(context: context)
+        switch reason {
+        case .clientDisconnected, .clientAborted, .quiesced, .handshakeFailed:
+            endConnection(context: context, delivering: true)
+        case .handshakeTimedOut, .framingError:
+            // The deadline frees the slot, and a broken stream has nothing left to deliver.
+            endConnection(context: context)
+        }
     }
 
     /// Sends what is queued and closes the channel, once.
-    private func endConnection(context: ChannelHandlerContext) {
+    ///
+    /// - Parameter delivering: replies already written must reach the client first: after
+    ///   NBD_CMD_DISC the spec wants every outstanding request handled, and a client that
+    ///   pipelined reads before it (then shut its side, as libnbd does) is still reading
+    ///   their replies. The channel closes once they are all on the socket; a client that
+    ///   stops reading is cut off after `requestTimeout`. Without it, bytes the socket had
+    ///   not taken yet are dropped (a broken or stalled connection).
+    private func endConnection(context: ChannelHandlerContext, delivering: Bool = false) {
         guard !channelClosing else { return }
         channelClosing = true
         connection.connectionEnded()
@@ -643,7 +680,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         handshakeDeadline = nil
         releaseResources()
         requestMetrics?.finish()
-        context.close(promise: nil)
+        guard delivering else {
+            context.close(promise: nil)
+            return
+        }
+        // An empty write completes once everything written before it is on the socket
+        // (TLS orders it behind its ciphertext); the kernel delivers the rest after close.
+        let written = context.eventLoop.makePromise(of: Void.self)
+        let cutOff = context.eventLoop.assumeIsolated().scheduleTask(in: requestTimeout) {
+            context.close(promise: nil)
+        }
+        written.futureResult.assumeIsolated().whenComplete { _ in
+            cutOff.cancel()
+            context.close(promise: nil)
+        }
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: written)
     }
 }
 

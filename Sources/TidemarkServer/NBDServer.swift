@@ -163,7 +163,9 @@ public final class NBDServer: Sendable {
                 value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 2 << 20))
             .childChannelOption(.maxMessagesPerRead, value: 8)
             .childChannelOption(.writeBufferWaterMark, value: waterMark)
-            .childChannelOption(.allowRemoteHalfClosure, value: false)
+            // libnbd shuts its sending side right after NBD_CMD_DISC and reads on: the replies
+            // to what it sent before must still go out (NBDConnectionHandler, inputClosed).
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             // A 1 MiB reply goes out in one or two writes instead of many EPOLLOUT rounds
             // (3-round fio A/B: +10% on 1 MiB sequential reads).
             .childChannelOption(.socketOption(.so_sndbuf), value: 4 << 20)

@@ -95,6 +95,30 @@ struct NBDServerConnectionTests {
         #expect(driver.connection.isClosed)
     }
 
+    @Test("the client's input ended: requests in flight are answered, then it closes as disconnected")
+    func inputEndedDrains() {
+        var driver = ConnectionDriver.inTransmission()
+        _ = driver.feed(Self.read(1) + Self.read(2))
+        #expect(driver.connection.inputEnded() == nil)
+        #expect(driver.connection.isHoldingInput)
+        #expect(driver.connection.requestCompleted(cost: 512) == .none)
+        #expect(!driver.connection.isClosed)
+        #expect(driver.connection.requestCompleted(cost: 512) == .close(.clientDisconnected))
+        #expect(driver.connection.isClosed)
+    }
+
+    @Test("the client's input ended with nothing in flight, or during negotiation: it closes at once")
+    func inputEndedIdle() {
+        let idle = ConnectionDriver.inTransmission()
+        #expect(idle.connection.inputEnded() == .clientDisconnected)
+        #expect(idle.connection.isClosed)
+        #expect(idle.connection.inputEnded() == nil, "closed once")
+        var negotiating = ConnectionDriver()
+        _ = negotiating.feed(Client.flags(3))
+        #expect(negotiating.connection.inputEnded() == .clientDisconnected)
+        #expect(negotiating.connection.isClosed)
+    }
+
     @Test("a stop during negotiation closes at once")
     func quiesceNegotiating() {
         var driver = ConnectionDriver()

@@ -97,6 +97,12 @@ final class RawNBDSocket {
         return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : nil
     }
 
+    /// Shuts the sending side, as libnbd does after NBD_CMD_DISC: the server sees EOF and
+    /// the connection can still receive.
+    func shutdownWrites() throws {
+        guard shutdown(fd, Int32(SHUT_WR)) == 0 else { throw HarnessError("shutdown: errno \(errno)") }
+    }
+
     /// True once the server has closed the connection (EOF or reset), without waiting;
     /// bytes the server sent meanwhile are discarded.
     func peerHasClosed() -> Bool {
