@@ -273,7 +273,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         buffer.moveReaderIndex(to: buffer.writerIndex)
         awaitingTLS = true
         do {
-            try TLSUpgrade.start(credentials: tls, pipeline: context.pipeline.syncOperations, leftover: leftover)
+            try TLSUpgrade.start(
+                credentials: tls, pipeline: context.pipeline.syncOperations, leftover: leftover, logger: logger)
         } catch {
             logger.error("cannot start TLS: \(error)", metadata: ["event": "tls.refused", "reason": "\(error)"])
             endConnection(context: context)
