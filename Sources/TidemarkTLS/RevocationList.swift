@@ -54,6 +54,10 @@ public struct RevocationList: Sendable, Equatable {
                 throw .revocationListNotSigned(
                     path: path, authorities: authoritiesPath,
                     reason: "its signature does not verify with the CA's public key (altered, or signed by another key)")
+            case .notForCRLSigning:
+                throw .revocationListNotSigned(
+                    path: path, authorities: authoritiesPath,
+                    reason: "the CA certificate of its issuer has a key usage without cRLSign, so it may not sign CRLs")
             }
             serials.formUnion(parsed)
             found = true

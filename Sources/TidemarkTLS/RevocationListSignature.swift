@@ -25,6 +25,10 @@ enum RevocationListSignature {
         /// An authority with the issuer's name exists but the signature does not verify
         /// with its public key (altered bytes, or another key under the same name).
         case badSignature
+        /// The only authorities with the issuer's name have a key usage without cRLSign:
+        /// their key may not vouch for a CRL (RFC 5280 4.2.1.3; OpenSSL and gnutls refuse
+        /// such a CRL too).
+        case notForCRLSigning
     }
 
     /// Verifies `der` against every certificate of `authorities`; one match suffices.
@@ -36,20 +40,26 @@ enum RevocationListSignature {
         defer { X509_CRL_free(crl) }
         guard let issuer = X509_CRL_get_issuer(crl) else { return .unparseable }
 
-        var issuerKnown = false
+        // The most telling failure if no authority vouches for the CRL.
+        var failure = Verdict.issuerUnknown(issuer: oneLine(issuer))
         for authority in authorities {
             guard let certificate = parseCertificate(authority) else { continue }
             defer { X509_free(certificate) }
             guard let subject = X509_get_subject_name(certificate), X509_NAME_cmp(issuer, subject) == 0 else {
                 continue
             }
-            issuerKnown = true
-            guard let key = X509_get0_pubkey(certificate) else { continue }
-            if X509_CRL_verify(crl, key) == 1 {
-                return .signed(pastNextUpdate: isPastNextUpdate(crl))
+            // UINT32_MAX when the certificate has no key usage extension (any use allowed).
+            guard X509_get_key_usage(certificate) & UInt32(X509v3_KU_CRL_SIGN) != 0 else {
+                if failure != .badSignature { failure = .notForCRLSigning }
+                continue
             }
+            guard let key = X509_get0_pubkey(certificate), X509_CRL_verify(crl, key) == 1 else {
+                failure = .badSignature
+                continue
+            }
+            return .signed(pastNextUpdate: isPastNextUpdate(crl))
         }
-        return issuerKnown ? .badSignature : .issuerUnknown(issuer: oneLine(issuer))
+        return failure
     }
 
     private static func parseCRL(_ der: [UInt8]) -> OpaquePointer? {

@@ -246,7 +246,8 @@ struct TLSTests {
         // Another CA's list (it would revoke nothing of ours): the server does not start.
         try TLSFiles.writeCRL(crl, caDirectory: files.stranger, revoking: nil, scratch: directory)
         let refused = try ControlPrograms.tidemark(
-            ["serve", image, "--unix", directory.socketPath, "--tls", "require", "--tls-certificates", files.certificates])
+            ["serve", image, "--unix", directory.socketPath, "--tls", "require", "--tls-certificates", files.certificates],
+            timeout: 30)
         #expect(!refused.succeeded)
         #expect(
             refused.stderr.contains("\(crl) is not signed by the CA in \(files.certificates)/ca-cert.pem"), "\(refused)")

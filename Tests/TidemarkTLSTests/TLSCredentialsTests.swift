@@ -205,6 +205,23 @@ struct TLSCredentialsTests {
         #expect(loadingError(pki) == nil)
     }
 
+    @Test("ca-crl.pem: a CRL signed by a CA of ca-cert.pem whose key usage lacks cRLSign is refused")
+    func revocationListOfCertificatesOnlyAuthority() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList(signer: .certificatesOnlyCA)
+        let authorities = pki.serverDirectory + "/ca-cert.pem"
+        var bundle = try Data(contentsOf: URL(fileURLWithPath: authorities))
+        bundle.append(try Data(contentsOf: URL(fileURLWithPath: pki.certificatesOnlyCA)))
+        try bundle.write(to: URL(fileURLWithPath: authorities))
+        let error = try #require(loadingError(pki))
+        guard case .revocationListNotSigned(_, _, let reason) = error else {
+            Issue.record("unexpected error \(error)")
+            return
+        }
+        #expect(reason.contains("without cRLSign"), "\(reason)")
+    }
+
     @Test("ca-crl.pem past its nextUpdate: loaded with a warning naming the file, and its revocations still apply")
     func staleRevocationList() throws {
         let pki = try TestPKI.make()

@@ -65,7 +65,12 @@ struct TestPKI {
         case otherCA
         /// A new CA with the server CA's exact name but its own key: a forgery.
         case impostorCA
+        /// A new CA "Certificates Only CA" whose key usage lacks cRLSign; the test adds its
+        /// certificate (`certificatesOnlyCA`) to ca-cert.pem.
+        case certificatesOnlyCA
     }
+
+    var certificatesOnlyCA: String { root + "/work/certificates-only-cert.pem" }
 
     var revocationListPath: String { serverDirectory + "/ca-crl.pem" }
 
@@ -83,6 +88,9 @@ struct TestPKI {
         case .impostorCA:
             (caCert, caKey) = (work + "/impostor-cert.pem", work + "/impostor-key.pem")
             try makeCA(key: caKey, cert: caCert, name: "Tidemark Test CA")
+        case .certificatesOnlyCA:
+            (caCert, caKey) = (certificatesOnlyCA, work + "/certificates-only-key.pem")
+            try makeCA(key: caKey, cert: caCert, name: "Certificates Only CA", keyUsage: "keyCertSign")
         }
         let index = work + "/index.txt"
         try Data().write(to: URL(fileURLWithPath: index))
@@ -125,11 +133,11 @@ struct TestPKI {
     var revokedCertificate: String { root + "/revoked-cert.pem" }
     var revokedKey: String { root + "/revoked-key.pem" }
 
-    private func makeCA(key: String, cert: String, name: String) throws {
+    private func makeCA(key: String, cert: String, name: String, keyUsage: String = "keyCertSign,cRLSign") throws {
         try Self.openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key])
         try Self.openssl([
             "req", "-new", "-x509", "-key", key, "-out", cert, "-days", "30", "-subj", "/O=Tidemark Test/CN=\(name)",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,\(keyUsage)",
         ])
     }
 
