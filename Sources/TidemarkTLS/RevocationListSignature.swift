@@ -31,7 +31,8 @@ enum RevocationListSignature {
         case notForCRLSigning
     }
 
-    /// Verifies `der` against every certificate of `authorities`; one match suffices.
+    /// Verifies `der` against every certificate of `authorities` whose subject is the CRL's
+    /// issuer and whose key usage allows cRLSign; one that verifies suffices.
     static func check(der: [UInt8], authorities: [NIOSSLCertificate]) -> Verdict {
         // BoringSSL reports failures on the thread's error queue; leave it empty, as the
         // TLS code that may run on this thread later expects.

@@ -192,6 +192,32 @@ struct TLSCredentialsTests {
         #expect(error.description.contains("ca-crl.pem is not signed by the CA in \(pki.serverDirectory)/ca-cert.pem"))
     }
 
+    @Test("ca-crl.pem: a change of any single bit of a signed CRL is refused, and none traps")
+    func everyBitOfRevocationListCounts() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList()
+        let authorities = try NIOSSLCertificate.fromPEMFile(pki.serverDirectory + "/ca-cert.pem")
+        let text = try String(contentsOfFile: pki.revocationListPath, encoding: .utf8)
+        let begin = "-----BEGIN X509 CRL-----", end = "-----END X509 CRL-----"
+        let start = try #require(text.range(of: begin)), stop = try #require(text.range(of: end))
+        let der = try #require(Data(base64Encoded: text[start.upperBound..<stop.lowerBound].filter { !$0.isWhitespace }))
+        func load(_ bytes: Data) throws(TLSCredentialsError) -> RevocationList {
+            let pem = "\(begin)\n\(bytes.base64EncodedString(options: .lineLength64Characters))\n\(end)\n"
+            return try RevocationList(pem: Array(pem.utf8), path: "ca-crl.pem", authorities: authorities, authoritiesPath: "ca-cert.pem")
+        }
+        #expect(try load(der).revokedSerials.count == 1)
+        var accepted: [String] = []
+        for index in der.indices {
+            for bit in [UInt8(0x01), 0x80] {
+                var altered = der
+                altered[index] ^= bit
+                if (try? load(altered)) != nil { accepted.append("byte \(index - der.startIndex) bit \(bit)") }
+            }
+        }
+        #expect(accepted.isEmpty, "accepted after a change: \(accepted)")
+    }
+
     @Test("ca-crl.pem: with several CAs in ca-cert.pem, a CRL signed by any of them is accepted")
     func revocationListOfSecondAuthority() throws {
         let pki = try TestPKI.make()
