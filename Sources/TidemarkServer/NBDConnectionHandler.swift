@@ -73,6 +73,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let tls: TLSServerCredentials?
     /// STARTTLS was acknowledged and the TLS handshake is running.
     private var awaitingTLS = false
+    /// TLS is in the pipeline: replies are handed to it in flushes of at most
+    /// `tlsFlushUnit` bytes (see ``send(_:context:)``).
+    private var encrypting = false
+    /// Plaintext written to the TLS handler since the last flush.
+    private var unflushedTLSBytes = 0
+    /// Replies (or what is left of one) waiting, in order, for the channel to take more
+    /// under TLS. The channel's writability stops only new requests; a 32 MiB reply
+    /// already produced would otherwise be encrypted whole into the channel's queue.
+    private var tlsBacklog = CircularBuffer<ByteBuffer>(initialCapacity: 4)
+    /// The backlog is being written: a flush inside it can announce the channel
+    /// unwritable, and nothing may be written between two slices of one reply.
+    private var sendingSlices = false
+    /// The most plaintext one flush hands to TLS. swift-nio-ssl encrypts all of a flush's
+    /// writes into one ciphertext buffer and keeps that buffer's capacity for the life of
+    /// the connection, and the channel's writability cannot see plaintext queued in front of
+    /// it until the flush. Unbounded, a burst of 1 MiB reads at QD8 held 32 MiB of
+    /// ciphertext buffer per connection (peak RSS 88 MiB for one client).
+    static let tlsFlushUnit = 256 * 1024
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
@@ -275,6 +293,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         do {
             try TLSUpgrade.start(
                 credentials: tls, pipeline: context.pipeline.syncOperations, leftover: leftover, logger: logger)
+            encrypting = true
         } catch {
             logger.error("cannot start TLS: \(error)", metadata: ["event": "tls.refused", "reason": "\(error)"])
             endConnection(context: context)
@@ -337,7 +356,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             if let start { recordInline(command, cost: cost, startedAt: start, replyStart: replyStart) }
             completed(cost: cost, context: context)
         case .reply(let reply):
-            context.write(wrapOutboundOut(reply), promise: nil)
+            send(reply, context: context)
             flushPending = true
             if let start { requestMetrics?.completed(.init(command, cost: cost, at: start), reply: reply) }
             completed(cost: cost, context: context)
@@ -354,7 +373,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 switch result {
                 case .success(let reply):
                     if let measured { self.requestMetrics?.completed(measured, reply: reply) }
-                    context.write(self.wrapOutboundOut(reply), promise: nil)
+                    self.send(reply, context: context)
                     self.flushPending = true
                     self.completed(cost: cost, context: context)
                     if wasAtLimit && self.offloadedReadBytes < self.outputLimit {
@@ -410,6 +429,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var isHoldingInput: Bool {
         guard connection.isInTransmission else { return false }
         return connection.isHoldingInput || awaitingBudget || !channelWritable || offloadedReadBytes >= outputLimit
+            || !tlsBacklog.isEmpty
     }
 
     /// True when replies waiting for the client have reached the limit: the channel is
@@ -417,15 +437,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `outputLimit`. A full burst buffer is handed to the channel first, so that the
     /// channel's writability (and with it the resumption) accounts for it.
     private func outputIsFull(context: ChannelHandlerContext) -> Bool {
-        if outbox.readableBytes >= outputLimit {
+        if outbox.readableBytes >= (encrypting ? Self.tlsFlushUnit : outputLimit) {
             flushIfNeeded(context: context)
         }
-        return !channelWritable || offloadedReadBytes >= outputLimit
+        return !channelWritable || offloadedReadBytes >= outputLimit || !tlsBacklog.isEmpty
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         channelWritable = context.channel.isWritable
         if channelWritable {
+            if !tlsBacklog.isEmpty {
+                writeTLSBacklog(context: context)
+                context.flush()
+                unflushedTLSBytes = 0
+            }
             resumeReading(context: context)
         } else {
             // Replies are piling up: push them out now rather than at the end of the tick.
@@ -536,15 +561,50 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func flushIfNeeded(context: ChannelHandlerContext) {
-        guard flushPending else { return }
+        guard flushPending, !sendingSlices else { return }
         flushPending = false
         if outbox.readableBytes > 0 {
-            context.write(wrapOutboundOut(outbox), promise: nil)
+            send(outbox, context: context)
             // The channel holds those bytes now: the next burst starts a buffer of its own
             // rather than copying this one on its first write.
             outbox = ByteBuffer()
         }
         context.flush()
+        unflushedTLSBytes = 0
+    }
+
+    /// Writes a reply (or a burst of them) towards the client. In plaintext it goes to the
+    /// channel as is. Under TLS it joins the backlog, which goes out in slices while the
+    /// channel is writable, with a flush each time `tlsFlushUnit` bytes are waiting: what
+    /// TLS buffers and encrypts at once, and the ciphertext queued in the channel, stay
+    /// bounded whatever the reply size (up to 32 MiB) and however many pool reads
+    /// complete in one tick.
+    private func send(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
+        guard encrypting else {
+            context.write(wrapOutboundOut(buffer), promise: nil)
+            return
+        }
+        tlsBacklog.append(buffer)
+        writeTLSBacklog(context: context)
+    }
+
+    /// Writes the TLS backlog while the channel is writable (all of it when the connection
+    /// is closing, as a plaintext channel takes everything written before a close).
+    private func writeTLSBacklog(context: ChannelHandlerContext) {
+        guard !sendingSlices else { return }
+        sendingSlices = true
+        defer { sendingSlices = false }
+        while (channelWritable || channelClosing), var next = tlsBacklog.popFirst() {
+            let length = min(Self.tlsFlushUnit - unflushedTLSBytes, next.readableBytes)
+            guard let slice = next.readSlice(length: length) else { break }
+            if next.readableBytes > 0 { tlsBacklog.prepend(next) }
+            context.write(wrapOutboundOut(slice), promise: nil)
+            unflushedTLSBytes += length
+            if unflushedTLSBytes >= Self.tlsFlushUnit {
+                context.flush()
+                unflushedTLSBytes = 0
+            }
+        }
     }
 
     /// Closes for a reason the connection machine gave, saying why where a person
@@ -575,6 +635,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         channelClosing = true
         connection.connectionEnded()
         flushIfNeeded(context: context)
+        if !tlsBacklog.isEmpty {
+            writeTLSBacklog(context: context)
+            context.flush()
+        }
         received = nil
         handshakeDeadline?.cancel()
         handshakeDeadline = nil

@@ -5,10 +5,20 @@ import Foundation
 enum ProcessStatus {
     /// Resident set size in bytes (`VmRSS`).
     static func residentBytes(of pid: Int32) throws -> Int {
+        try statusBytes("VmRSS", of: pid)
+    }
+
+    /// The highest resident set size the process has had (`VmHWM`), in bytes: a peak no
+    /// sampling can miss.
+    static func peakResidentBytes(of pid: Int32) throws -> Int {
+        try statusBytes("VmHWM", of: pid)
+    }
+
+    private static func statusBytes(_ field: String, of pid: Int32) throws -> Int {
         let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
-        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }),
             let kib = line.split(separator: " ").compactMap({ Int($0) }).first
-        else { throw HarnessError("no VmRSS in /proc/\(pid)/status") }
+        else { throw HarnessError("no \(field) in /proc/\(pid)/status") }
         return kib * 1024
     }
 
