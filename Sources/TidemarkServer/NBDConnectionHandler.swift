@@ -315,7 +315,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         buffer.moveReaderIndex(to: buffer.writerIndex)
         awaitingTLS = true
         do {
-            try TLSUpgrade.start(credentials: tls, pipeline: context.pipeline.syncOperations, leftover: leftover)
+            try TLSUpgrade.start(
+                credentials: tls, pipeline: context.pipeline.syncOperations, leftover: leftover, logger: logger)
             encrypting = true
         } catch {
             logger.error("cannot start TLS: \(error)", metadata: ["event": "tls.refused", "reason": "\(error)"])

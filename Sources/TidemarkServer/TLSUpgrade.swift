@@ -13,12 +13,15 @@ import TidemarkTLS
 enum TLSUpgrade {
     /// Adds the TLS handler at the head of the pipeline and hands it `leftover`, the bytes
     /// the client sent after STARTTLS in the same segment (the start of its ClientHello),
-    /// which must never be read as NBD options.
+    /// which must never be read as NBD options. `logger` (the connection's) logs what the
+    /// handshake itself refuses (a PSK identity).
     static func start(
-        credentials: TLSServerCredentials, pipeline: ChannelPipeline.SynchronousOperations, leftover: ByteBuffer?
+        credentials: TLSServerCredentials, pipeline: ChannelPipeline.SynchronousOperations, leftover: ByteBuffer?,
+        logger: Logger
     ) throws {
         let handler = credentials.makeServerHandler()
         try pipeline.addHandler(handler, position: .first)
+        try pipeline.addHandler(TLSHandshakeLogScope(logger: logger), position: .first)
         if let leftover, leftover.readableBytes > 0 {
             // Enters at the head, so the TLS handler sees it first; until the handshake is
             // done it yields no application data, so nothing re-enters the NBD handler.
@@ -32,6 +35,10 @@ enum TLSUpgrade {
     static func authorize(
         credentials: TLSServerCredentials, pipeline: ChannelPipeline.SynchronousOperations
     ) -> TLSClientAuthorization {
+        // The handshake is over: TLS data reads no longer pass through the log scope.
+        if let scope = try? pipeline.handler(type: TLSHandshakeLogScope.self) {
+            pipeline.removeHandler(scope, promise: nil)
+        }
         let certificate = (try? pipeline.handler(type: NIOSSLServerHandler.self))?.peerCertificate
         return credentials.authorize(peerCertificate: certificate)
     }

@@ -3,22 +3,33 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import NIOSSL
 
 /// The serial numbers a `ca-crl.pem` revokes. swift-nio-ssl has no CRL support, so the
 /// server reads the list itself and refuses a client whose certificate serial is on it.
-/// The CRL is the administrator's own file, next to the CA that issued it; its signature
-/// is not checked. The DER walk is bounded and never traps on a damaged file.
+/// Every CRL in the file must be issued and signed by a CA of `ca-cert.pem`: a list of
+/// another CA, or one whose bytes were altered, is refused rather than used (a forged list
+/// could silently drop revocations). A list past its nextUpdate is still used (dropping it
+/// would un-revoke its certificates) and reported so the caller can warn. The DER walk is
+/// bounded and never traps on a damaged file.
 public struct RevocationList: Sendable, Equatable {
     /// Revoked serial numbers, big-endian without leading zero bytes.
     public let revokedSerials: Set<[UInt8]>
+    /// Whether a CRL in the file is past its nextUpdate time: the CA should have issued a
+    /// newer one. Its revocations still apply.
+    public let isPastNextUpdate: Bool
 
-    /// Parses every `X509 CRL` PEM block in `pem`.
-    public init(pem: [UInt8], path: String) throws(TLSCredentialsError) {
+    /// Parses every `X509 CRL` PEM block in `pem` (read from `path`) and checks that each
+    /// is signed by one of `authorities` (read from `authoritiesPath`).
+    public init(
+        pem: [UInt8], path: String, authorities: [NIOSSLCertificate], authoritiesPath: String
+    ) throws(TLSCredentialsError) {
         guard let text = String(validating: pem, as: UTF8.self) else {
             throw .badCRL(path: path, reason: "not PEM text")
         }
         var serials: Set<[UInt8]> = []
         var found = false
+        var pastNextUpdate = false
         var remaining = Substring(text)
         while let begin = remaining.firstRange(of: "-----BEGIN X509 CRL-----") {
             guard let end = remaining[begin.upperBound...].firstRange(of: "-----END X509 CRL-----")
@@ -30,12 +41,31 @@ public struct RevocationList: Sendable, Equatable {
             guard let parsed = Self.revokedSerials(der: [UInt8](der)) else {
                 throw .badCRL(path: path, reason: "the DER structure is not a CRL")
             }
+            switch RevocationListSignature.check(der: [UInt8](der), authorities: authorities) {
+            case .signed(let past):
+                pastNextUpdate = pastNextUpdate || past
+            case .unparseable:
+                throw .badCRL(path: path, reason: "the DER structure is not a CRL")
+            case .issuerUnknown(let issuer):
+                throw .revocationListNotSigned(
+                    path: path, authorities: authoritiesPath,
+                    reason: "its issuer \(issuer) is not the subject of any certificate there")
+            case .badSignature:
+                throw .revocationListNotSigned(
+                    path: path, authorities: authoritiesPath,
+                    reason: "its signature does not verify with the CA's public key (altered, or signed by another key)")
+            case .notForCRLSigning:
+                throw .revocationListNotSigned(
+                    path: path, authorities: authoritiesPath,
+                    reason: "the CA certificate of its issuer has a key usage without cRLSign, so it may not sign CRLs")
+            }
             serials.formUnion(parsed)
             found = true
             remaining = remaining[end.upperBound...]
         }
         guard found else { throw .badCRL(path: path, reason: "no '-----BEGIN X509 CRL-----' block") }
         revokedSerials = serials
+        isPastNextUpdate = pastNextUpdate
     }
 
     /// Whether a certificate with this serial number is revoked.

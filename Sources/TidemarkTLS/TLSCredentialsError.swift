@@ -32,6 +32,8 @@ public enum TLSCredentialsError: Error, Equatable, CustomStringConvertible {
     case duplicatePSKIdentity(path: String, line: Int, identity: String)
     /// The CRL file could not be parsed.
     case badCRL(path: String, reason: String)
+    /// The CRL's issuer is not a CA of `ca-cert.pem`, or its signature does not verify.
+    case revocationListNotSigned(path: String, authorities: String, reason: String)
     /// swift-nio-ssl refused the configuration (should not happen with valid files).
     case contextFailed(reason: String)
 
@@ -67,6 +69,8 @@ public enum TLSCredentialsError: Error, Equatable, CustomStringConvertible {
             return "\(path):\(line): identity '\(identity)' appears twice; keep one key per identity"
         case .badCRL(let path, let reason):
             return "\(path): not a usable certificate revocation list: \(reason)"
+        case .revocationListNotSigned(let path, let authorities, let reason):
+            return "\(path) is not signed by the CA in \(authorities): \(reason); make the CRL with that CA's key (`openssl ca -gencrl -cert ca-cert.pem -keyfile ca-key.pem` or `certtool --generate-crl --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem`), or remove it to run without revocations"
         case .contextFailed(let reason):
             return "TLS setup failed: \(reason)"
         }

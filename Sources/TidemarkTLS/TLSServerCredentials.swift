@@ -46,6 +46,14 @@ public final class TLSServerCredentials: Sendable {
         loaded = Mutex(try Self.load(settings, logger: logger))
     }
 
+    /// The logger of the connection whose TLS handshake is running on this thread. A PSK
+    /// identity is refused inside swift-nio-ssl's PSK callback, which is shared by every
+    /// connection of the context and learns nothing about the connection; the server binds
+    /// this around feeding the handshake its bytes (the callback runs synchronously then),
+    /// so the refusal is logged with the connection's id and peer. Unbound, the
+    /// credentials' own logger is used.
+    @TaskLocal public static var handshakeLogger: Logger?
+
     /// What the handshake machine does about TLS.
     public var policy: NBDTLSPolicy { settings.policy }
 
@@ -84,7 +92,7 @@ public final class TLSServerCredentials: Sendable {
 
     private static func load(_ settings: TLSServerSettings, logger: Logger) throws(TLSCredentialsError) -> Loaded {
         if let directory = settings.certificatesDirectory {
-            return try loadX509(directory: directory, settings: settings)
+            return try loadX509(directory: directory, settings: settings, logger: logger)
         }
         if let path = settings.pskFile {
             return try loadPSK(path: path, settings: settings, logger: logger)
@@ -92,7 +100,9 @@ public final class TLSServerCredentials: Sendable {
         throw .noCredentials(mode: settings.mode)
     }
 
-    private static func loadX509(directory: String, settings: TLSServerSettings) throws(TLSCredentialsError) -> Loaded {
+    private static func loadX509(
+        directory: String, settings: TLSServerSettings, logger: Logger
+    ) throws(TLSCredentialsError) -> Loaded {
         let caPath = directory + "/" + FileName.caCertificate
         let certificatePath = directory + "/" + FileName.serverCertificate
         let keyPath = directory + "/" + FileName.serverKey
@@ -109,7 +119,16 @@ public final class TLSServerCredentials: Sendable {
         }
         var revocations: RevocationList?
         if CredentialFile.exists(crlPath) {
-            revocations = try RevocationList(pem: CredentialFile.read(crlPath, role: "revocation list"), path: crlPath)
+            let list = try RevocationList(
+                pem: CredentialFile.read(crlPath, role: "revocation list"), path: crlPath, authorities: authorities,
+                authoritiesPath: caPath)
+            if list.isPastNextUpdate {
+                // Still used: dropping a stale list would let its revoked certificates in.
+                logger.warning(
+                    "\(crlPath) is past its nextUpdate time; its revocations still apply, but publish a fresh CRL from the CA",
+                    metadata: ["event": "tls.crl_stale", "file": "\(crlPath)"])
+            }
+            revocations = list
         }
 
         var configuration = TLSConfiguration.makeServerConfiguration(
@@ -131,7 +150,10 @@ public final class TLSServerCredentials: Sendable {
         }
         var summary = "X.509 from \(directory), TLS 1.2-1.3"
         summary += settings.verifyPeer ? ", client certificates required" : ", no client certificates"
-        if let revocations { summary += ", \(revocations.revokedSerials.count) revoked" }
+        if let revocations {
+            summary += ", \(revocations.revokedSerials.count) revoked"
+            if revocations.isPastNextUpdate { summary += " (CRL past its nextUpdate)" }
+        }
         if !settings.allowedNames.isEmpty { summary += ", \(settings.allowedNames.count) allowed names" }
         return Loaded(context: context, revocations: revocations, summary: summary)
     }
@@ -160,6 +182,7 @@ public final class TLSServerCredentials: Sendable {
         configuration.cipherSuites = pskCipherSuites
         configuration.pskServerProvider = { context in
             let identity = context.clientIdentity
+            let logger = TLSServerCredentials.handshakeLogger ?? logger
             guard let key = keys[identity] else {
                 logger.warning(
                     "TLS refused: unknown PSK identity '\(identity)'",

@@ -151,7 +151,7 @@ struct ServeCommand: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "X.509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem (the qemu-nbd/nbdkit layout; `tidemark tls init DIR` makes them). Reloaded on SIGHUP.",
+            "X.509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem, signed by that CA (the qemu-nbd/nbdkit layout; `tidemark tls init DIR` makes them). Reloaded on SIGHUP.",
             valueName: "DIR"))
     var tlsCertificates: String?
 

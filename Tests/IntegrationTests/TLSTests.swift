@@ -79,6 +79,9 @@ struct TLSTests {
         #expect(!(try TLSFiles.nbdinfoSize(TLSFiles.pskURI(socket: socket, user: "alice", file: files.wrongPSKFile)).succeeded))
         #expect(!(try TLSFiles.nbdinfoSize(TLSFiles.pskURI(socket: socket, user: "bob", file: files.unknownPSKFile)).succeeded))
         #expect(server.waitForLog("unknown PSK identity 'bob'"), "\(server.serverLog)")
+        // Logged inside swift-nio-ssl's PSK callback, yet with the connection's id and peer.
+        let refusal = server.serverLog.split(separator: "\n").first { $0.contains("unknown PSK identity 'bob'") }
+        #expect(refusal?.contains(/\sconnection=\d+\s/) == true, "\(server.serverLog)")
         #expect(try TLSFiles.nbdinfoSize(TLSFiles.pskURI(socket: socket, user: "alice", file: files.pskFile)).succeeded)
         try server.stop()
 
@@ -222,6 +225,55 @@ struct TLSTests {
         #expect(try TLSFiles.nbdinfoSize(TLSFiles.x509URI(socket: directory.socketPath, certificates: files.certificates)).succeeded)
         #expect(try open.pread(count: 512, offset: 0) == Array(ImageFile.pattern(count: 512, offset: 0, seed: 7)))
         try open.shutdown()
+        #expect(server.isRunning)
+        try server.stop()
+    }
+
+    @Test("ca-crl.pem must be signed by the CA: serve refuses another CA's CRL; SIGHUP with a forged one keeps the revocations in force")
+    func revocationListSignature() throws {
+        let directory = try TestDirectory()
+        let files = try TLSFiles(in: directory)
+        let image = directory.file("disk.img")
+        try ImageFile.createFilled(image, size: 8 * Self.mib, seed: 7)
+        let crl = files.certificates + "/ca-crl.pem"
+        // A client folder without the server's CRL, so only the server judges it.
+        let client = directory.file("client")
+        try FileManager.default.createDirectory(atPath: client, withIntermediateDirectories: true)
+        for name in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+            try FileManager.default.copyItem(atPath: files.certificates + "/" + name, toPath: client + "/" + name)
+        }
+
+        // Another CA's list (it would revoke nothing of ours): the server does not start.
+        try TLSFiles.writeCRL(crl, caDirectory: files.stranger, revoking: nil, scratch: directory)
+        let refused = try ControlPrograms.tidemark(
+            ["serve", image, "--unix", directory.socketPath, "--tls", "require", "--tls-certificates", files.certificates],
+            timeout: 30)
+        #expect(!refused.succeeded)
+        #expect(
+            refused.stderr.contains("\(crl) is not signed by the CA in \(files.certificates)/ca-cert.pem"), "\(refused)")
+
+        // Our CA's list revoking the client: the server starts and refuses that client.
+        try TLSFiles.writeCRL(crl, caDirectory: files.certificates, revoking: client + "/client-cert.pem", scratch: directory)
+        let server = try serve(
+            ["--tls", "require", "--tls-certificates", files.certificates, "--tls-verify-peer"], files: files, in: directory,
+            image: image)
+        let uri = TLSFiles.x509URI(socket: directory.socketPath, certificates: client)
+        #expect(!(try TLSFiles.nbdinfoSize(uri).succeeded))
+        #expect(server.waitForLog("is revoked by ca-crl.pem"), "\(server.serverLog)")
+
+        // A forged, empty list (another CA's key): not reloaded, the client stays revoked.
+        try TLSFiles.writeCRL(crl, caDirectory: files.stranger, revoking: nil, scratch: directory)
+        kill(server.process.processIdentifier, SIGHUP)
+        #expect(server.waitForLog("TLS credentials not reloaded"), "\(server.serverLog)")
+        #expect(server.serverLog.contains("ca-crl.pem is not signed by the CA in"), "\(server.serverLog)")
+        #expect(!(try TLSFiles.nbdinfoSize(uri).succeeded))
+        #expect(server.waitForLog("is revoked by ca-crl.pem", occurrences: 2), "\(server.serverLog)")
+
+        // Our CA's empty list: reloaded, the client gets in.
+        try TLSFiles.writeCRL(crl, caDirectory: files.certificates, revoking: nil, scratch: directory)
+        kill(server.process.processIdentifier, SIGHUP)
+        #expect(server.waitForLog("TLS credentials reloaded"), "\(server.serverLog)")
+        #expect(try TLSFiles.nbdinfoSize(uri).succeeded)
         #expect(server.isRunning)
         try server.stop()
     }

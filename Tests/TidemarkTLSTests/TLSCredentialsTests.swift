@@ -153,6 +153,162 @@ struct TLSCredentialsTests {
         #expect(credentials.authorize(peerCertificate: good.serverHandler.peerCertificate) == .allowed(identity: TestPKI.clientSubject))
     }
 
+    /// Loads the server directory with mutual TLS; the error, if loading fails.
+    func loadingError(_ pki: TestPKI) -> TLSCredentialsError? {
+        do {
+            _ = try TLSServerCredentials(
+                settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true),
+                logger: logger)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    @Test("ca-crl.pem: a CRL of another CA, one forged under our CA's name, or one with an altered signature is refused, naming the files",
+          arguments: ["other CA", "impostor", "altered"])
+    func forgedRevocationList(kind: String) throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        switch kind {
+        case "other CA": try pki.writeRevocationList(signer: .otherCA)
+        case "impostor": try pki.writeRevocationList(signer: .impostorCA)
+        default:
+            try pki.writeRevocationList()
+            try pki.alterRevocationListSignature()
+        }
+        let error = try #require(loadingError(pki))
+        guard case .revocationListNotSigned(let path, let authorities, let reason) = error else {
+            Issue.record("unexpected error \(error)")
+            return
+        }
+        #expect(path == pki.revocationListPath)
+        #expect(authorities == pki.serverDirectory + "/ca-cert.pem")
+        if kind == "other CA" {
+            #expect(reason.contains("issuer /O=Tidemark Test/CN=Other CA is not the subject"), "\(reason)")
+        } else {
+            #expect(reason.contains("signature does not verify"), "\(reason)")
+        }
+        #expect(error.description.contains("ca-crl.pem is not signed by the CA in \(pki.serverDirectory)/ca-cert.pem"))
+    }
+
+    @Test("ca-crl.pem: a change of any single bit of a signed CRL is refused, and none traps")
+    func everyBitOfRevocationListCounts() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList()
+        let authorities = try NIOSSLCertificate.fromPEMFile(pki.serverDirectory + "/ca-cert.pem")
+        let text = try String(contentsOfFile: pki.revocationListPath, encoding: .utf8)
+        let begin = "-----BEGIN X509 CRL-----", end = "-----END X509 CRL-----"
+        let start = try #require(text.range(of: begin)), stop = try #require(text.range(of: end))
+        let der = try #require(Data(base64Encoded: text[start.upperBound..<stop.lowerBound].filter { !$0.isWhitespace }))
+        func load(_ bytes: Data) throws(TLSCredentialsError) -> RevocationList {
+            let pem = "\(begin)\n\(bytes.base64EncodedString(options: .lineLength64Characters))\n\(end)\n"
+            return try RevocationList(pem: Array(pem.utf8), path: "ca-crl.pem", authorities: authorities, authoritiesPath: "ca-cert.pem")
+        }
+        #expect(try load(der).revokedSerials.count == 1)
+        var accepted: [String] = []
+        for index in der.indices {
+            for bit in [UInt8(0x01), 0x80] {
+                var altered = der
+                altered[index] ^= bit
+                if (try? load(altered)) != nil { accepted.append("byte \(index - der.startIndex) bit \(bit)") }
+            }
+        }
+        #expect(accepted.isEmpty, "accepted after a change: \(accepted)")
+    }
+
+    @Test("ca-crl.pem: with several CAs in ca-cert.pem, a CRL signed by any of them is accepted")
+    func revocationListOfSecondAuthority() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList(signer: .otherCA)
+        #expect(loadingError(pki) != nil)
+        let authorities = pki.serverDirectory + "/ca-cert.pem"
+        var bundle = try Data(contentsOf: URL(fileURLWithPath: authorities))
+        bundle.append(try Data(contentsOf: URL(fileURLWithPath: pki.strangerDirectory + "/ca-cert.pem")))
+        try bundle.write(to: URL(fileURLWithPath: authorities))
+        #expect(loadingError(pki) == nil)
+    }
+
+    @Test("ca-crl.pem: a CRL signed by a CA of ca-cert.pem whose key usage lacks cRLSign is refused")
+    func revocationListOfCertificatesOnlyAuthority() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList(signer: .certificatesOnlyCA)
+        let authorities = pki.serverDirectory + "/ca-cert.pem"
+        var bundle = try Data(contentsOf: URL(fileURLWithPath: authorities))
+        bundle.append(try Data(contentsOf: URL(fileURLWithPath: pki.certificatesOnlyCA)))
+        try bundle.write(to: URL(fileURLWithPath: authorities))
+        let error = try #require(loadingError(pki))
+        guard case .revocationListNotSigned(_, _, let reason) = error else {
+            Issue.record("unexpected error \(error)")
+            return
+        }
+        #expect(reason.contains("without cRLSign"), "\(reason)")
+    }
+
+    @Test("ca-crl.pem past its nextUpdate: loaded with a warning naming the file, and its revocations still apply")
+    func staleRevocationList() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList(lastUpdate: "20240101000000Z", nextUpdate: "20240201000000Z")
+        let capture = LogCapture()
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true),
+            logger: capture.logger())
+        let warnings = capture.lines.filter { $0.level == .warning && $0.metadata["event"] == "tls.crl_stale" }
+        #expect(warnings.count == 1)
+        #expect(warnings.first?.message.contains(pki.revocationListPath + " is past its nextUpdate") == true)
+        #expect(credentials.summary.contains("1 revoked (CRL past its nextUpdate)"))
+        let revoked = try TLSPair(
+            server: credentials.makeServerHandler(),
+            client: clientConfiguration(pki, certificate: pki.revokedCertificate, key: pki.revokedKey))
+        defer { revoked.finish() }
+        #expect(revoked.handshake())
+        #expect(
+            credentials.authorize(peerCertificate: revoked.serverHandler.peerCertificate)
+                == .refused(.revoked(subject: TestPKI.revokedSubject)))
+
+        // A current CRL loads without the warning.
+        try pki.writeRevocationList()
+        let quiet = LogCapture()
+        _ = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true),
+            logger: quiet.logger())
+        #expect(quiet.lines.filter { $0.level == .warning }.isEmpty)
+    }
+
+    @Test("reload: a forged ca-crl.pem is refused and the loaded revocations stay in force")
+    func reloadWithForgedRevocationList() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        try pki.writeRevocationList()
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, certificatesDirectory: pki.serverDirectory, verifyPeer: true),
+            logger: logger)
+        // The forgery lists nothing: used, it would let the revoked client in.
+        try pki.writeRevocationList(signer: .impostorCA, revoking: false)
+        #expect {
+            try credentials.reload()
+        } throws: { error in
+            guard case .revocationListNotSigned = error as? TLSCredentialsError else { return false }
+            return true
+        }
+        let revoked = try TLSPair(
+            server: credentials.makeServerHandler(),
+            client: clientConfiguration(pki, certificate: pki.revokedCertificate, key: pki.revokedKey))
+        defer { revoked.finish() }
+        #expect(revoked.handshake())
+        #expect(
+            credentials.authorize(peerCertificate: revoked.serverHandler.peerCertificate)
+                == .refused(.revoked(subject: TestPKI.revokedSubject)))
+        let good = try TLSPair(server: credentials.makeServerHandler(), client: clientConfiguration(pki, directory: pki.clientDirectory))
+        defer { good.finish() }
+        #expect(good.handshake())
+        #expect(credentials.authorize(peerCertificate: good.serverHandler.peerCertificate) == .allowed(identity: TestPKI.clientSubject))
+    }
+
     @Test("PSK: the right identity and key complete a TLS 1.2 ECDHE-PSK-CHACHA20-POLY1305 handshake")
     func pskHandshake() throws {
         let pki = try TestPKI.make()
@@ -178,6 +334,32 @@ struct TLSCredentialsTests {
         defer { pair.finish() }
         #expect(!pair.handshake())
         #expect(!pair.serverEvents.handshakeCompleted)
+    }
+
+    @Test("PSK: a refused identity is logged on the connection's logger when the server binds it, else on the credentials' logger")
+    func pskRefusalLogger() throws {
+        let pki = try TestPKI.make()
+        defer { pki.remove() }
+        let own = LogCapture()
+        let credentials = try TLSServerCredentials(
+            settings: TLSServerSettings(mode: .require, pskFile: pki.pskFile), logger: own.logger())
+        let connection = LogCapture()
+        let bound = try TLSPair(server: credentials.makeServerHandler(), client: pskClient(identity: "mallory", key: TestPKI.pskKey))
+        defer { bound.finish() }
+        let completed = TLSServerCredentials.$handshakeLogger.withValue(connection.logger(metadata: ["connection": "42"])) {
+            bound.handshake()
+        }
+        #expect(!completed)
+        let refusal = connection.lines.filter { $0.message.contains("unknown PSK identity 'mallory'") }
+        #expect(refusal.count == 1)
+        #expect(refusal.first?.metadata["connection"] == "42")
+        #expect(refusal.first?.metadata["event"] == "tls.refused")
+        #expect(own.lines.isEmpty)
+
+        let unbound = try TLSPair(server: credentials.makeServerHandler(), client: pskClient(identity: "eve", key: TestPKI.pskKey))
+        defer { unbound.finish() }
+        #expect(!unbound.handshake())
+        #expect(own.lines.filter { $0.message.contains("unknown PSK identity 'eve'") }.count == 1)
     }
 
     @Test("a missing file, bad PEM and a key of another certificate are reported with the file's name")

@@ -51,6 +51,20 @@ struct TLSFiles {
         return object
     }
 
+    /// Writes a CRL to `output` with gnutls' `certtool`, as qemu's documentation makes
+    /// them: signed by the CA whose `ca-cert.pem` and `ca-key.pem` are in `caDirectory` (as
+    /// `tidemark tls init` leaves them), revoking the certificate file `revoked` if given.
+    static func writeCRL(_ output: String, caDirectory: String, revoking revoked: String?, scratch: TestDirectory) throws {
+        let template = scratch.file("crl.template")
+        try Data("crl_next_update = 30\ncrl_number = 1\n".utf8).write(to: URL(fileURLWithPath: template))
+        var arguments = [
+            "--generate-crl", "--load-ca-privkey", caDirectory + "/ca-key.pem", "--load-ca-certificate",
+            caDirectory + "/ca-cert.pem", "--template", template, "--outfile", output,
+        ]
+        if let revoked { arguments += ["--load-certificate", revoked] }
+        try ExternalTool.check("certtool", arguments)
+    }
+
     /// The export's size through nbdinfo over `uri`, or the failed run.
     static func nbdinfoSize(_ uri: String) throws -> ToolResult {
         try ExternalTool.run("nbdinfo", ["--size", uri], timeout: 60)
@@ -58,11 +72,12 @@ struct TLSFiles {
 }
 
 extension TidemarkProcess {
-    /// Waits up to `timeout` for `text` to appear in the server's log.
-    func waitForLog(_ text: String, timeout: TimeInterval = 10) -> Bool {
+    /// Waits up to `timeout` for `text` to appear in the server's log (at least
+    /// `occurrences` times).
+    func waitForLog(_ text: String, occurrences: Int = 1, timeout: TimeInterval = 10) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
-            if serverLog.contains(text) { return true }
+            if serverLog.components(separatedBy: text).count - 1 >= occurrences { return true }
             usleep(20_000)
         }
         return false

@@ -57,9 +57,41 @@ struct TestPKI {
         try Data("\(Self.pskIdentity):\(hex)\n".utf8).write(to: URL(fileURLWithPath: pskFile))
     }
 
-    /// Writes `ca-crl.pem` into the server directory revoking the `revoked-host` certificate.
-    func writeRevocationList() throws {
+    /// Who signs a CRL written by `writeRevocationList`.
+    enum CRLSigner {
+        /// The CA of `ca-cert.pem`.
+        case serverCA
+        /// The unrelated "Other CA" (its name is not the issuer the server knows).
+        case otherCA
+        /// A new CA with the server CA's exact name but its own key: a forgery.
+        case impostorCA
+        /// A new CA "Certificates Only CA" whose key usage lacks cRLSign; the test adds its
+        /// certificate (`certificatesOnlyCA`) to ca-cert.pem.
+        case certificatesOnlyCA
+    }
+
+    var certificatesOnlyCA: String { root + "/work/certificates-only-cert.pem" }
+
+    var revocationListPath: String { serverDirectory + "/ca-crl.pem" }
+
+    /// Writes `ca-crl.pem` into the server directory revoking the `revoked-host` certificate
+    /// (or nothing when `revoking` is false), signed by `signer`; `lastUpdate`/`nextUpdate`
+    /// (openssl's YYYYMMDDHHMMSSZ) override the CRL's validity period.
+    func writeRevocationList(
+        signer: CRLSigner = .serverCA, revoking: Bool = true, lastUpdate: String? = nil, nextUpdate: String? = nil
+    ) throws {
         let work = root + "/work"
+        let (caCert, caKey): (String, String)
+        switch signer {
+        case .serverCA: (caCert, caKey) = (serverDirectory + "/ca-cert.pem", work + "/ca-key.pem")
+        case .otherCA: (caCert, caKey) = (strangerDirectory + "/ca-cert.pem", work + "/other-ca-key.pem")
+        case .impostorCA:
+            (caCert, caKey) = (work + "/impostor-cert.pem", work + "/impostor-key.pem")
+            try makeCA(key: caKey, cert: caCert, name: "Tidemark Test CA")
+        case .certificatesOnlyCA:
+            (caCert, caKey) = (certificatesOnlyCA, work + "/certificates-only-key.pem")
+            try makeCA(key: caKey, cert: caCert, name: "Certificates Only CA", keyUsage: "keyCertSign")
+        }
         let index = work + "/index.txt"
         try Data().write(to: URL(fileURLWithPath: index))
         let config = work + "/crl.cnf"
@@ -73,24 +105,39 @@ struct TestPKI {
             default_crl_days = 30
             """.utf8
         ).write(to: URL(fileURLWithPath: config))
-        try Self.openssl([
-            "ca", "-config", config, "-revoke", root + "/revoked-cert.pem", "-keyfile", work + "/ca-key.pem",
-            "-cert", serverDirectory + "/ca-cert.pem",
-        ])
-        try Self.openssl([
-            "ca", "-config", config, "-gencrl", "-keyfile", work + "/ca-key.pem", "-cert",
-            serverDirectory + "/ca-cert.pem", "-out", serverDirectory + "/ca-crl.pem",
-        ])
+        if revoking {
+            try Self.openssl([
+                "ca", "-config", config, "-revoke", root + "/revoked-cert.pem", "-keyfile", caKey, "-cert", caCert,
+            ])
+        }
+        var generate = ["ca", "-config", config, "-gencrl", "-keyfile", caKey, "-cert", caCert, "-out", revocationListPath]
+        if let lastUpdate { generate += ["-crl_lastupdate", lastUpdate] }
+        if let nextUpdate { generate += ["-crl_nextupdate", nextUpdate] }
+        try Self.openssl(generate)
+    }
+
+    /// Flips one bit in the last byte of `ca-crl.pem`'s DER, which is inside the signature
+    /// BIT STRING, and writes it back as PEM: a CRL whose bytes were altered after signing.
+    func alterRevocationListSignature() throws {
+        let text = try String(contentsOfFile: revocationListPath, encoding: .utf8)
+        let begin = "-----BEGIN X509 CRL-----", end = "-----END X509 CRL-----"
+        guard let start = text.range(of: begin), let stop = text.range(of: end),
+            var der = Data(base64Encoded: text[start.upperBound..<stop.lowerBound].filter { !$0.isWhitespace }),
+            let last = der.indices.last
+        else { throw TestPKIError.opensslFailed("read \(revocationListPath)", "no CRL PEM block") }
+        der[last] ^= 0x01
+        let encoded = der.base64EncodedString(options: [.lineLength64Characters, .endLineWithLineFeed])
+        try Data("\(begin)\n\(encoded)\n\(end)\n".utf8).write(to: URL(fileURLWithPath: revocationListPath))
     }
 
     var revokedCertificate: String { root + "/revoked-cert.pem" }
     var revokedKey: String { root + "/revoked-key.pem" }
 
-    private func makeCA(key: String, cert: String, name: String) throws {
+    private func makeCA(key: String, cert: String, name: String, keyUsage: String = "keyCertSign,cRLSign") throws {
         try Self.openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key])
         try Self.openssl([
             "req", "-new", "-x509", "-key", key, "-out", cert, "-days", "30", "-subj", "/O=Tidemark Test/CN=\(name)",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,\(keyUsage)",
         ])
     }
 
