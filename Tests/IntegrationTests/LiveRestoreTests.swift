@@ -100,7 +100,7 @@ struct LiveRestoreTests {
         #expect(!FileManager.default.fileExists(atPath: scratch.file("t.raw")), "nothing was created for a chain that cannot be read")
     }
 
-    @Test("into a larger block device: chain data at once, writes stay, progress in the state directory, kill -9 and resume after the loop file is attached again, the device ends as the point plus the writes")
+    @Test("into a larger block device: chain data at once, writes stay, progress in the state directory, kill -9 and resume after the loop file is attached again, the device ends as the point plus the writes; another disk at that path is refused")
     func blockDeviceTarget() throws {
         let scratch = try TestDirectory()
         let (directory, expected) = try ChainExportTests.makeChain(in: scratch, seed: 185)
@@ -163,6 +163,20 @@ struct LiveRestoreTests {
         #expect(try ImageFile.read(device.path, offset: Self.size, count: extra) == tail, "past the disk's end, untouched")
         let verify = try ControlPrograms.tidemark(["verify", directory])
         #expect(verify.succeeded, "\(verify)")
+
+        // Another disk attached at the same path is refused as `serve` refuses it (the
+        // progress and bitmaps recorded there are the first disk's), and left unwritten.
+        let otherBacking = scratch.file("other.img")
+        try ImageFile.createFilled(otherBacking, size: Self.size, seed: 0x33)
+        let path = device.path
+        device.detach()
+        device = try BlockDeviceStoreTests.LoopDevice(backing: otherBacking, at: path)
+        let swapped = try ControlPrograms.tidemark(
+            ["restore", "--live", "\(directory)@2", path, "--unix", scratch.file("b4.sock"), "--state-dir", state], timeout: 30)
+        #expect(!swapped.succeeded && swapped.stderr.contains("identity mismatch"), "\(swapped)")
+        #expect(
+            try ImageFile.read(path, offset: 0, count: Self.size) == ImageFile.pattern(count: Self.size, offset: 0, seed: 0x33),
+            "the other disk was not written")
     }
 
     @Test("a fio randwrite job with crc32c verify during the copy passes; at completion the target holds fio's blocks (fio verify_only on it served plainly) and the chain point elsewhere")
