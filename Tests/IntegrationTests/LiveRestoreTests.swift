@@ -152,6 +152,7 @@ struct LiveRestoreTests {
             arguments: ["restore", "--live", "\(directory)@2", device.path, "--unix", scratch.file("b3.sock"), "--state-dir", state],
             directory: scratch)
         defer { _ = try? resumed.stop(signal: SIGKILL) }
+        try Self.waitForLog(resumed, containing: "already there")
         let line = try #require(resumed.serverLog.split(separator: "\n").first { $0.contains("already there") })
         #expect(!line.contains(" 0% already"), "the restart resumed from saved progress: \(line)")
         try Self.waitForLog(resumed, containing: "complete")
@@ -161,6 +162,15 @@ struct LiveRestoreTests {
         try resumed.stop()
         #expect(try ImageFile.read(device.path, offset: 0, count: Self.size) == model, "the device holds the point and the writes")
         #expect(try ImageFile.read(device.path, offset: Self.size, count: extra) == tail, "past the disk's end, untouched")
+        // Served directly afterwards with the same state directory: the same store, no complaint.
+        let plain = try TidemarkProcess(
+            arguments: ["serve", device.path, "--read-only", "--unix", scratch.file("plain.sock"), "--state-dir", state],
+            directory: scratch)
+        let direct = try plain.connect(export: "disk")
+        #expect(try direct.pread(count: Self.size, offset: 0) == model, "tidemark serve DEVICE after the restore")
+        try direct.shutdown()
+        try plain.stop()
+        #expect(!plain.serverLog.contains("mismatch"), "\(plain.serverLog)")
         let verify = try ControlPrograms.tidemark(["verify", directory])
         #expect(verify.succeeded, "\(verify)")
 
