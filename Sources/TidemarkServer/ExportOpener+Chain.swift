@@ -65,12 +65,23 @@ extension ExportOpener {
 }
 
 extension ExportOpener {
+    /// The progress map's name inside a block device's store in the state directory.
+    public static let restoreMapName = "restore-map"
+
     /// Opens a live restore of the chain point `source` into `target` (a raw file, created
     /// if missing, or a block device; never smaller than the disk) as export `name`, and
     /// its copier (not started). The target is served writable at once: reads of what is
     /// not copied yet come from the chain, writes go to the target. Progress is kept in
-    /// `TARGET.restore-map` (block devices: in `stateDirectory`), bound to the chain point:
-    /// resuming with another point is refused, so the target is never a mix of two.
+    /// `TARGET.restore-map`, bound to the chain point: resuming with another point is
+    /// refused, so the target is never a mix of two.
+    ///
+    /// A block device's map cannot sit beside it (`/dev` is devtmpfs, memory a reboot
+    /// empties): it goes in the device's store in the state directory
+    /// (`STATE/stores/NAME/restore-map`, `stateDirectory` or the default), the store named
+    /// after the disk's identity like its bitmaps. So the same disk at another path (a loop
+    /// file attached again) resumes, another disk at the same path never takes its map
+    /// (it starts from scratch, or is refused as a swapped disk), and the store's lock
+    /// keeps a second restore or server from writing the device at the same time.
     public static func openLiveRestore(
         id: String? = nil, name: String, source: ChainExportSpecification, target: String, bytesPerSecond: UInt64?, showProgress: Bool,
         bitmaps: [BitmapRequest], stateDirectory: String? = nil, logger: Logger
@@ -91,8 +102,15 @@ extension ExportOpener {
         let isBlockDevice = stat(target, &info) == 0 && info.st_mode & S_IFMT == S_IFBLK
         let mapPath: String
         if isBlockDevice {
-            let flat = target.split(separator: "/").joined(separator: "_")
-            mapPath = (stateDirectory ?? "/var/lib/tidemark") + "/" + flat + ".restore-map"
+            // Checked before anything is created in the state directory.
+            let device = try RawImage(path: target, readOnly: true)
+            guard device.size >= chain.size else {
+                throw ServerError.invalidLiveRestoreTarget(
+                    target,
+                    reason: "the device is \(device.size) bytes but the backup's disk is \(chain.size) bytes: too small to hold it "
+                        + "(use a device of at least \(chain.size) bytes)")
+            }
+            mapPath = StoreLocator(image: device, stateDirectory: stateDirectory).directory + "/" + Self.restoreMapName
         } else {
             mapPath = target + ".restore-map"
         }
@@ -100,13 +118,20 @@ extension ExportOpener {
         let overlay = try ChainOverlay(chain: chain, dataPath: target, mapPath: mapPath, identity: identity, allowLarger: true)
         let store = StoreLocator(image: overlay.data, stateDirectory: stateDirectory)
         let tracker: DirtyTracker
-        switch try Self.tracker(location: store, image: overlay.data, readOnly: false, bitmaps: bitmaps, logger: logger) {
+        switch try Self.tracker(
+            location: store, image: overlay.data, readOnly: false, bitmaps: bitmaps, requireStore: isBlockDevice, logger: logger)
+        {
         case .tracked(let opened): tracker = opened
         case .untracked: tracker = DirtyTracker(size: chain.size)
         case .readOnly:
-            throw ServerError.invalidChainSpecification(
-                shown, reason: "the target's bitmap store cannot record writes (see the error above)")
+            throw ServerError.invalidLiveRestoreTarget(
+                target,
+                reason: isBlockDevice
+                    ? "its store in the state directory '\(store.directory)', which keeps the copy's progress and the bitmaps, "
+                        + "cannot be used (see the error above; choose another with --state-dir)"
+                    : "the target's bitmap store cannot record writes (see the error above)")
         }
+        if isBlockDevice { logger.info("live restore progress of \(target) is kept in \(mapPath)") }
         let copier = LiveRestoreCopier(
             overlay: overlay, target: target, bytesPerSecond: bytesPerSecond, showProgress: showProgress, logger: logger)
         let export = Export(

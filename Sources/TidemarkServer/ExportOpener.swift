@@ -77,12 +77,15 @@ public enum ExportOpener {
         case readOnly
     }
 
+    /// - Parameter requireStore: open (create) the store even for a block device nobody
+    ///   asked bitmaps for: a live restore keeps its progress map in it.
     static func tracker(
-        location: StoreLocator, image: RawImage, readOnly: Bool, bitmaps: [BitmapRequest], logger: Logger
+        location: StoreLocator, image: RawImage, readOnly: Bool, bitmaps: [BitmapRequest], requireStore: Bool = false,
+        logger: Logger
     ) throws -> TrackerOutcome {
         let imagePath = image.path
         let directory = location.directory
-        let wantsStore = (!readOnly && !image.isBlockDevice) || !bitmaps.isEmpty
+        let wantsStore = requireStore || (!readOnly && !image.isBlockDevice) || !bitmaps.isEmpty
         guard location.exists || wantsStore else { return .untracked }
         if let warning = location.warning { logger.warning("\(warning)") }
         do throws(BitmapError) {

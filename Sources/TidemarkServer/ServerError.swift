@@ -18,6 +18,8 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
     case storage(StorageError)
     /// A `backup:PATH[@POINT][:rw]` export that cannot be parsed or opened.
     case invalidChainSpecification(String, reason: String)
+    /// A live restore's target that cannot take the disk.
+    case invalidLiveRestoreTarget(String, reason: String)
 
     public var description: String {
         switch self {
@@ -33,6 +35,8 @@ public enum ServerError: Error, Equatable, CustomStringConvertible {
         case .storage(let error): return error.description
         case .invalidChainSpecification(let text, let reason):
             return "cannot serve '\(text)': \(reason) (use backup:DIR[@POINT][:rw], POINT an index, checkpoint or file name)"
+        case .invalidLiveRestoreTarget(let target, let reason):
+            return "cannot restore into '\(target)': \(reason)"
         }
     }
 }

@@ -9,7 +9,7 @@ import Glibc
 /// `tidemark serve` with the live-restore options instead of being forwarded to the backup
 /// client like an offline restore.
 enum LiveRestoreArguments {
-    static let usage = "usage: tidemark restore --live DIR[@POINT] TARGET [--rate BYTES_PER_SECOND] [serve options: --unix, --name, --control, …]"
+    static let usage = "usage: tidemark restore --live DIR[@POINT] TARGET [--rate BYTES_PER_SECOND] [--state-dir DIR (a block device's progress and bitmaps; default /var/lib/tidemark)] [serve options: --unix, --name, --control, …]"
 
     /// The `serve` arguments for `arguments` (argv without the program) when they ask for
     /// a live restore; nil otherwise.

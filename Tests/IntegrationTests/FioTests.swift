@@ -5,13 +5,16 @@ import Testing
 /// fio with its libnbd engine, verifying every block it wrote with crc32c.
 @Suite("fio", .serialized)
 struct FioTests {
+    /// fio's engine and verification options for `uri`, before a job's own.
+    static func verifyingArguments(_ uri: String) -> [String] {
+        ["--ioengine=nbd", "--uri=\(uri)", "--output-format=json", "--verify=crc32c", "--do_verify=1",
+         "--verify_fatal=1", "--verify_backlog=0", "--verify_state_save=0"]
+    }
+
     /// Runs fio in `directory` (fio leaves files in its working directory otherwise).
     static func fio(_ uri: String, in directory: TestDirectory, _ arguments: [String]) throws -> [String: Any] {
         let result = try ExternalTool.check(
-            "fio",
-            ["--ioengine=nbd", "--uri=\(uri)", "--output-format=json", "--verify=crc32c", "--do_verify=1",
-             "--verify_fatal=1", "--verify_backlog=0", "--verify_state_save=0"] + arguments,
-            timeout: 180, currentDirectory: directory.path)
+            "fio", verifyingArguments(uri) + arguments, timeout: 180, currentDirectory: directory.path)
         guard let start = result.stdout.firstIndex(of: "{"),
               let json = try JSONSerialization.jsonObject(with: Data(result.stdout[start...].utf8)) as? [String: Any]
         else {
@@ -22,6 +25,12 @@ struct FioTests {
 
     static func jobErrors(_ json: [String: Any]) -> [Int] {
         (json["jobs"] as? [[String: Any]] ?? []).map { $0["error"] as? Int ?? -1 }
+    }
+
+    /// Bytes the first job moved in `direction` ("read" or "write"); a verify pass counts
+    /// as reads.
+    static func ioBytes(_ json: [String: Any], _ direction: String) -> Int? {
+        ((json["jobs"] as? [[String: Any]])?.first?[direction] as? [String: Any])?["io_bytes"] as? Int
     }
 
     @Test("random 4 KiB writes at queue depth 16, verified with crc32c")

@@ -82,11 +82,142 @@ struct LiveRestoreTests {
         let tooSmall = try ControlPrograms.tidemark(
             ["restore", "--live", directory, small, "--unix", scratch.file("a.sock")], timeout: 30)
         #expect(!tooSmall.succeeded && tooSmall.stderr.contains("too small"), "\(tooSmall)")
+        // A block device too small: refused before anything is made in the state directory.
+        let smallDevice = try BlockDeviceStoreTests.LoopDevice(backing: small)
+        defer { smallDevice.detach() }
+        let state = scratch.file("state")
+        let tooSmallDevice = try ControlPrograms.tidemark(
+            ["restore", "--live", directory, smallDevice.path, "--unix", scratch.file("d.sock"), "--state-dir", state], timeout: 30)
+        #expect(
+            !tooSmallDevice.succeeded && tooSmallDevice.stderr.contains("too small")
+                && tooSmallDevice.stderr.contains("\(Self.size) bytes"),
+            "\(tooSmallDevice)")
+        #expect(!FileManager.default.fileExists(atPath: state), "nothing was created for a device that cannot hold the disk")
         try FileManager.default.removeItem(atPath: directory + "/backup-0000.qcow2")
         let missing = try ControlPrograms.tidemark(
             ["restore", "--live", directory, scratch.file("t.raw"), "--unix", scratch.file("b.sock")], timeout: 30)
         #expect(!missing.succeeded && missing.stderr.contains("backup-0000.qcow2"), "\(missing)")
         #expect(!FileManager.default.fileExists(atPath: scratch.file("t.raw")), "nothing was created for a chain that cannot be read")
+    }
+
+    @Test("into a larger block device: chain data at once, writes stay, progress in the state directory, kill -9 and resume after the loop file is attached again, the device ends as the point plus the writes; another disk at that path is refused")
+    func blockDeviceTarget() throws {
+        let scratch = try TestDirectory()
+        let (directory, expected) = try ChainExportTests.makeChain(in: scratch, seed: 185)
+        let backing = scratch.file("device.img")
+        // Not zeroes: the copy must write the chain's holes and zero clusters as zeroes. One
+        // MiB larger than the disk: the export is the disk's size, the rest is left alone.
+        let extra = 1 << 20
+        try ImageFile.createFilled(backing, size: Self.size + extra, seed: 0xEE)
+        let tail = try ImageFile.read(backing, offset: Self.size, count: extra)
+        var device = try BlockDeviceStoreTests.LoopDevice(backing: backing)
+        defer { device.detach() }
+        let state = scratch.file("state")
+        var model = try ImageFile.read(expected[2])
+        let first = try TidemarkProcess(
+            arguments: ["restore", "--live", "\(directory)@2", device.path, "--unix", scratch.file("b1.sock"), "--rate", "1M",
+                        "--state-dir", state],
+            directory: scratch)
+        defer { _ = try? first.stop(signal: SIGKILL) }
+        let connection = try first.connect(export: "disk")
+        #expect(try connection.size == UInt64(Self.size))
+        #expect(try connection.pread(count: Self.size, offset: 0) == model, "served as the chain point before the copy is done")
+        var generator = SeededGenerator(seed: 15)
+        for round in 0..<20 {
+            let length = Int.random(in: 1...64, using: &generator) * 512
+            let offset = Int.random(in: 0..<(Self.size - length) / 512, using: &generator) * 512
+            let bytes = ImageFile.pattern(count: length, offset: offset, seed: UInt8(120 + round))
+            try connection.pwrite(bytes, offset: UInt64(offset))
+            model.replaceSubrange(offset..<(offset + length), with: bytes)
+        }
+        try connection.flush()
+        #expect(try connection.pread(count: Self.size, offset: 0) == model)
+        // A second writer of the same device is refused while this one runs.
+        let second = try ControlPrograms.tidemark(
+            ["restore", "--live", "\(directory)@2", device.path, "--unix", scratch.file("b2.sock"), "--state-dir", state], timeout: 30)
+        #expect(!second.succeeded && second.stderr.contains("held by a running server"), "\(second)")
+        usleep(2_500_000)  // a few of 16 MiB at 1 MiB/s, progress saved every second
+        try first.stop(signal: SIGKILL)
+        #expect(!first.serverLog.contains("complete"), "the copy was still running at the kill:\n\(first.serverLog)")
+        let maps = try FileManager.default.contentsOfDirectory(atPath: state + "/stores")
+            .filter { FileManager.default.fileExists(atPath: state + "/stores/" + $0 + "/restore-map") }
+        #expect(maps.count == 1, "the progress is in the device's store in the state directory: \(maps)")
+        #expect(!FileManager.default.fileExists(atPath: device.path + ".restore-map"), "nothing is made under /dev")
+
+        // The same loop file attached again (maybe at another /dev/loopN): the same disk,
+        // its progress is found and the copy resumes.
+        device.detach()
+        device = try BlockDeviceStoreTests.LoopDevice(backing: backing)
+        let resumed = try TidemarkProcess(
+            arguments: ["restore", "--live", "\(directory)@2", device.path, "--unix", scratch.file("b3.sock"), "--state-dir", state],
+            directory: scratch)
+        defer { _ = try? resumed.stop(signal: SIGKILL) }
+        try Self.waitForLog(resumed, containing: "already there")
+        let line = try #require(resumed.serverLog.split(separator: "\n").first { $0.contains("already there") })
+        #expect(!line.contains(" 0% already"), "the restart resumed from saved progress: \(line)")
+        try Self.waitForLog(resumed, containing: "complete")
+        let again = try resumed.connect(export: "disk")
+        #expect(try again.pread(count: Self.size, offset: 0) == model, "the export after completion")
+        try again.shutdown()
+        try resumed.stop()
+        #expect(try ImageFile.read(device.path, offset: 0, count: Self.size) == model, "the device holds the point and the writes")
+        #expect(try ImageFile.read(device.path, offset: Self.size, count: extra) == tail, "past the disk's end, untouched")
+        // Served directly afterwards with the same state directory: the same store, no complaint.
+        let plain = try TidemarkProcess(
+            arguments: ["serve", device.path, "--read-only", "--unix", scratch.file("plain.sock"), "--state-dir", state],
+            directory: scratch)
+        let direct = try plain.connect(export: "disk")
+        #expect(try direct.pread(count: Self.size, offset: 0) == model, "tidemark serve DEVICE after the restore")
+        try direct.shutdown()
+        try plain.stop()
+        #expect(!plain.serverLog.contains("mismatch"), "\(plain.serverLog)")
+        let verify = try ControlPrograms.tidemark(["verify", directory])
+        #expect(verify.succeeded, "\(verify)")
+
+        // Another disk attached at the same path is refused as `serve` refuses it (the
+        // progress and bitmaps recorded there are the first disk's), and left unwritten.
+        let otherBacking = scratch.file("other.img")
+        try ImageFile.createFilled(otherBacking, size: Self.size, seed: 0x33)
+        let path = device.path
+        device.detach()
+        device = try BlockDeviceStoreTests.LoopDevice(backing: otherBacking, at: path)
+        let swapped = try ControlPrograms.tidemark(
+            ["restore", "--live", "\(directory)@2", path, "--unix", scratch.file("b4.sock"), "--state-dir", state], timeout: 30)
+        #expect(!swapped.succeeded && swapped.stderr.contains("identity mismatch"), "\(swapped)")
+        #expect(
+            try ImageFile.read(path, offset: 0, count: Self.size) == ImageFile.pattern(count: Self.size, offset: 0, seed: 0x33),
+            "the other disk was not written")
+    }
+
+    @Test("a fio randwrite job with crc32c verify during the copy passes; at completion the target holds fio's blocks (fio verify_only on it served plainly) and the chain point elsewhere")
+    func fioDuringCopy() throws {
+        let scratch = try TestDirectory()
+        let (directory, expected) = try ChainExportTests.makeChain(in: scratch, seed: 186)
+        let target = scratch.file("target.raw")
+        let half = Self.size / 2
+        let job = [
+            "--name=restore", "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=8", "--size=\(half)", "--randseed=99",
+            "--end_fsync=1",
+        ]
+        let server = try TidemarkProcess(
+            arguments: ["restore", "--live", "\(directory)@3", target, "--unix", scratch.file("fio.sock"), "--rate", "1M"],
+            directory: scratch)
+        defer { _ = try? server.stop(signal: SIGKILL) }
+        let written = try FioTests.fio(try server.unixURI(export: "disk"), in: scratch, job)
+        #expect(FioTests.jobErrors(written) == [0])
+        #expect(FioTests.ioBytes(written, "write") == half && FioTests.ioBytes(written, "read") == half, "written and verified")
+        #expect(!server.serverLog.contains("complete"), "fio ran while the copy was running:\n\(server.serverLog)")
+        try Self.waitForLog(server, containing: "complete")
+        try server.stop()
+        #expect(
+            try ImageFile.read(target, offset: half, count: half) == ImageFile.read(expected[3], offset: half, count: half),
+            "where fio did not write, the target is the chain point")
+        let plain = try TidemarkProcess(
+            arguments: ["serve", target, "--read-only", "--unix", scratch.file("plain.sock")], directory: scratch)
+        defer { _ = try? plain.stop(signal: SIGKILL) }
+        let verified = try FioTests.fio(try plain.unixURI(export: "disk"), in: scratch, job + ["--verify_only=1"])
+        #expect(FioTests.jobErrors(verified) == [0], "the target holds every block fio wrote")
+        #expect(FioTests.ioBytes(verified, "read") == half)
     }
 
     @Test("QMP: live-restore-start serves the target, query-live-restore reports progress, LIVE_RESTORE_COMPLETED ends it")
