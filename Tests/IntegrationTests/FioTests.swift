@@ -12,9 +12,12 @@ struct FioTests {
     }
 
     /// Runs fio in `directory` (fio leaves files in its working directory otherwise).
-    static func fio(_ uri: String, in directory: TestDirectory, _ arguments: [String]) throws -> [String: Any] {
+    static func fio(
+        _ uri: String, in directory: TestDirectory, _ arguments: [String], environment: [String: String] = [:]
+    ) throws -> [String: Any] {
         let result = try ExternalTool.check(
-            "fio", verifyingArguments(uri) + arguments, timeout: 180, currentDirectory: directory.path)
+            "fio", verifyingArguments(uri) + arguments, timeout: 180, environment: environment,
+            currentDirectory: directory.path)
         guard let start = result.stdout.firstIndex(of: "{"),
               let json = try JSONSerialization.jsonObject(with: Data(result.stdout[start...].utf8)) as? [String: Any]
         else {

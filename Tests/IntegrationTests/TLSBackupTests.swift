@@ -129,4 +129,29 @@ struct TLSBackupTests {
         let plain = try ControlPrograms.tidemark(["backup", "full", "nbd+unix:///?socket=\(socket)", directory.file("plain")])
         #expect(!plain.succeeded, "nbdkit --tls=require refuses a plaintext backup")
     }
+
+    @Test("a full backup from qemu-nbd with tls-creds-x509 over TLS restores byte-exact")
+    func backupFromQemuNbd() throws {
+        let directory = try TestDirectory()
+        let files = try TLSFiles(in: directory)
+        let image = directory.file("source.img")
+        try ImageFile.createFilled(image, size: 8 * Self.mib, seed: 23)
+        let socket = directory.file("qemu-nbd.sock")
+        let qemu = try BackgroundProgram(
+            try ExternalTool.locate("qemu-nbd"),
+            ["--object", "tls-creds-x509,id=tls0,dir=\(files.certificates),endpoint=server,verify-peer=off",
+             "--tls-creds", "tls0", "-r", "-t", "-f", "raw", "-x", "disk", "-k", socket, image])
+        defer { qemu.kill() }
+        let deadline = Date().addingTimeInterval(20)
+        while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
+        #expect(FileManager.default.fileExists(atPath: socket), "qemu-nbd did not start: \(qemu.result)")
+        let uri = "nbds+unix:///disk?socket=\(socket)"
+        let chain = directory.file("chain")
+        _ = try BackupChecks.backup(["full", uri, chain, "--tls-certificates", files.certificates])
+        let restored = directory.file("restored.raw")
+        try ControlPrograms.tidemark(["restore", chain, restored]).requireSuccess()
+        #expect(try ImageFile.sha256(restored) == ImageFile.sha256(image))
+        let plain = try ControlPrograms.tidemark(["backup", "full", "nbd+unix:///disk?socket=\(socket)", directory.file("plain")])
+        #expect(!plain.succeeded, "qemu-nbd with --tls-creds refuses a plaintext backup")
+    }
 }
