@@ -105,53 +105,47 @@ struct TLSBackupTests {
         try server.stop()
     }
 
-    @Test("a full backup from nbdkit --tls=require over TLS restores byte-exact")
-    func backupFromNbdkit() throws {
+    /// Another server as the TLS peer: `arguments(certificates, socket, image)` start it
+    /// on a Unix socket serving export `export`; a full backup over TLS must restore
+    /// byte-exact, and a plaintext backup must be refused.
+    func backupFromPeer(
+        _ program: String, export: String, seed: UInt8, arguments: (String, String, String) -> [String]
+    ) throws {
         let directory = try TestDirectory()
         let files = try TLSFiles(in: directory)
         let image = directory.file("source.img")
-        try ImageFile.createFilled(image, size: 8 * Self.mib, seed: 21)
-        let socket = directory.file("nbdkit.sock")
-        let nbdkit = try BackgroundProgram(
-            try ExternalTool.locate("nbdkit"),
-            ["--foreground", "--exit-with-parent", "--tls=require", "--tls-certificates=\(files.certificates)",
-             "--unix", socket, "file", image])
-        defer { nbdkit.kill() }
+        try ImageFile.createFilled(image, size: 8 * Self.mib, seed: seed)
+        let socket = directory.file("peer.sock")
+        let peer = try BackgroundProgram(
+            try ExternalTool.locate(program), arguments(files.certificates, socket, image))
+        defer { peer.kill() }
         let deadline = Date().addingTimeInterval(20)
         while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
-        #expect(FileManager.default.fileExists(atPath: socket), "nbdkit did not start: \(nbdkit.result)")
-        let uri = "nbds+unix:///?socket=\(socket)"
+        #expect(FileManager.default.fileExists(atPath: socket), "\(program) did not start: \(peer.result)")
         let chain = directory.file("chain")
-        _ = try BackupChecks.backup(["full", uri, chain, "--tls-certificates", files.certificates])
+        _ = try BackupChecks.backup(
+            ["full", "nbds+unix:///\(export)?socket=\(socket)", chain, "--tls-certificates", files.certificates])
         let restored = directory.file("restored.raw")
         try ControlPrograms.tidemark(["restore", chain, restored]).requireSuccess()
         #expect(try ImageFile.sha256(restored) == ImageFile.sha256(image))
-        let plain = try ControlPrograms.tidemark(["backup", "full", "nbd+unix:///?socket=\(socket)", directory.file("plain")])
-        #expect(!plain.succeeded, "nbdkit --tls=require refuses a plaintext backup")
+        let plain = try ControlPrograms.tidemark(
+            ["backup", "full", "nbd+unix:///\(export)?socket=\(socket)", directory.file("plain")])
+        #expect(!plain.succeeded, "\(program) with TLS required accepted a plaintext backup")
+    }
+
+    @Test("a full backup from nbdkit --tls=require over TLS restores byte-exact")
+    func backupFromNbdkit() throws {
+        try backupFromPeer("nbdkit", export: "", seed: 21) { certificates, socket, image in
+            ["--foreground", "--exit-with-parent", "--tls=require", "--tls-certificates=\(certificates)",
+             "--unix", socket, "file", image]
+        }
     }
 
     @Test("a full backup from qemu-nbd with tls-creds-x509 over TLS restores byte-exact")
     func backupFromQemuNbd() throws {
-        let directory = try TestDirectory()
-        let files = try TLSFiles(in: directory)
-        let image = directory.file("source.img")
-        try ImageFile.createFilled(image, size: 8 * Self.mib, seed: 23)
-        let socket = directory.file("qemu-nbd.sock")
-        let qemu = try BackgroundProgram(
-            try ExternalTool.locate("qemu-nbd"),
-            ["--object", "tls-creds-x509,id=tls0,dir=\(files.certificates),endpoint=server,verify-peer=off",
-             "--tls-creds", "tls0", "-r", "-t", "-f", "raw", "-x", "disk", "-k", socket, image])
-        defer { qemu.kill() }
-        let deadline = Date().addingTimeInterval(20)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
-        #expect(FileManager.default.fileExists(atPath: socket), "qemu-nbd did not start: \(qemu.result)")
-        let uri = "nbds+unix:///disk?socket=\(socket)"
-        let chain = directory.file("chain")
-        _ = try BackupChecks.backup(["full", uri, chain, "--tls-certificates", files.certificates])
-        let restored = directory.file("restored.raw")
-        try ControlPrograms.tidemark(["restore", chain, restored]).requireSuccess()
-        #expect(try ImageFile.sha256(restored) == ImageFile.sha256(image))
-        let plain = try ControlPrograms.tidemark(["backup", "full", "nbd+unix:///disk?socket=\(socket)", directory.file("plain")])
-        #expect(!plain.succeeded, "qemu-nbd with --tls-creds refuses a plaintext backup")
+        try backupFromPeer("qemu-nbd", export: "disk", seed: 23) { certificates, socket, image in
+            ["--object", "tls-creds-x509,id=tls0,dir=\(certificates),endpoint=server,verify-peer=off",
+             "--tls-creds", "tls0", "-r", "-t", "-f", "raw", "-x", "disk", "-k", socket, image]
+        }
     }
 }
