@@ -217,45 +217,41 @@ public final class ChainImage: ImageReader, @unchecked Sendable {
     // MARK: - ImageReader
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
-        guard let base = buffer.baseAddress else { return }
+        _ = try fill(buffer, at: offset, cachedOnly: false)
+    }
+
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        (try? fill(buffer, at: offset, cachedOnly: true)) ?? false
+    }
+
+    /// Fills `buffer` from the chain: zeroes for holes and zero clusters, the layer's data
+    /// elsewhere. `cachedOnly`: tables and data only from memory and the page cache, and
+    /// false as soon as something is not there.
+    private func fill(
+        _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool
+    ) throws(StorageError) -> Bool {
+        guard let base = buffer.baseAddress else { return true }
         try StorageError.checkRange(offset: offset, length: UInt64(buffer.count), size: size)
-        _ = try forEachRun(from: offset, to: offset + UInt64(buffer.count), cachedOnly: false) {
+        var complete = true
+        let finished = try forEachRun(from: offset, to: offset + UInt64(buffer.count), cachedOnly: cachedOnly) {
             (run, position, length) throws(StorageError) in
             let target = base + Int(position - offset)
             switch run {
             case .hole, .zero:
                 memset(target, 0, Int(length))
             case .data(let layer, let hostOffset):
-                let within = position & (clusterSize - 1)
-                guard clinuxio_pread_full(descriptors[layer], target, Int(length), off_t(hostOffset + within)) == 0 else {
+                let at = off_t(hostOffset + (position & (clusterSize - 1)))
+                if cachedOnly {
+                    guard clinuxio_pread_nowait(descriptors[layer], target, Int(length), at) == Int(length) else {
+                        complete = false
+                        return false
+                    }
+                } else if clinuxio_pread_full(descriptors[layer], target, Int(length), at) != 0 {
                     throw StorageError.ioFailed(operation: "read \(layerPaths[layer])", errno: errno)
                 }
             }
             return true
         }
-    }
-
-    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
-        guard let base = buffer.baseAddress else { return true }
-        guard (try? StorageError.checkRange(offset: offset, length: UInt64(buffer.count), size: size)) != nil else { return false }
-        var complete = true
-        let finished =
-            (try? forEachRun(from: offset, to: offset + UInt64(buffer.count), cachedOnly: true) {
-                (run, position, length) throws(StorageError) in
-                let target = base + Int(position - offset)
-                switch run {
-                case .hole, .zero:
-                    memset(target, 0, Int(length))
-                case .data(let layer, let hostOffset):
-                    let within = position & (clusterSize - 1)
-                    let n = clinuxio_pread_nowait(descriptors[layer], target, Int(length), off_t(hostOffset + within))
-                    guard n == Int(length) else {
-                        complete = false
-                        return false
-                    }
-                }
-                return true
-            }) ?? false
         return finished && complete
     }
 

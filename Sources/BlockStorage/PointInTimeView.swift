@@ -201,10 +201,7 @@ public final class PointInTimeView: Sendable {
             do throws(StorageError) {
                 try copy(runs, into: sidecar)
             } catch {
-                settle { state in
-                    state.failure = state.failure ?? .viewUnavailable(reason: "copy-before-write failed: \(error)")
-                    state.copying -= 1
-                }
+                copyFailed(error)
                 throw error
             }
             settle { state in
@@ -289,10 +286,7 @@ public final class PointInTimeView: Sendable {
                     if !Self.isZero(part) { try sidecar.write(part, at: start + from) }
                 }
             } catch {
-                settle { state in
-                    state.failure = state.failure ?? .viewUnavailable(reason: "copy-before-write failed: \(error)")
-                    state.copying -= 1
-                }
+                copyFailed(error)
                 return true
             }
             settle { state in
@@ -335,6 +329,15 @@ public final class PointInTimeView: Sendable {
                     position += extent.length
                 }
             }
+        }
+    }
+
+    /// A copy of old data into the sidecar failed: the view can no longer show its instant
+    /// (readers get the failure), and this copy is no longer in progress.
+    private func copyFailed(_ error: StorageError) {
+        settle { state in
+            state.failure = state.failure ?? .viewUnavailable(reason: "copy-before-write failed: \(error)")
+            state.copying -= 1
         }
     }
 
