@@ -94,12 +94,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// it until the flush. Unbounded, a burst of 1 MiB reads at QD8 held 32 MiB of
     /// ciphertext buffer per connection (peak RSS 88 MiB for one client).
     static let tlsFlushUnit = 256 * 1024
+    /// The event loop's idle poller (`serve --poll-max-ns`), nil when polling is off.
+    private let poller: IdlePoller?
+    /// The connection's socket while it is one of the poller's; set on entering transmission.
+    private var socketDescriptor: CInt?
+    /// The poller counts this connection as idle.
+    private var pollingIdle = false
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
         offersExtendedHeaders: Bool = true, requestTimeout: TimeAmount, budget: PayloadBudget, outputLimit: Int, metrics: ServerMetrics? = nil,
-        tls: TLSServerCredentials? = nil, logger: Logger
+        tls: TLSServerCredentials? = nil, poller: IdlePoller? = nil, logger: Logger
     ) {
+        self.poller = poller
         self.serverMetrics = metrics
         self.tls = tls
         self.connection = NBDServerConnection(
@@ -129,6 +136,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        leaveIdlePolling()
         connection.connectionEnded()
         received = nil
         handshakeDeadline?.cancel()
@@ -179,6 +187,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         // Closing: the client's last replies may still be going out; nothing more is read.
         guard !channelClosing else { return }
+        if pollingIdle, let socketDescriptor {
+            pollingIdle = false
+            poller?.inputArrived(socketDescriptor)
+        }
         readBytes(unwrapInboundIn(data), context: context)
         if received != nil { notePartialInput(context: context) }
     }
@@ -244,6 +256,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         flushIfNeeded(context: context)
+        offerIdlePolling()
         context.fireChannelReadComplete()
     }
 
@@ -363,6 +376,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             eventLoop: context.eventLoop)
         if let serverMetrics {
             requestMetrics = ConnectionMetrics(server: serverMetrics, export: export.name, eventLoop: context.eventLoop)
+        }
+        if let poller,
+            let descriptor = try? context.pipeline.syncOperations.withUnsafeTransportIfAvailable(
+                of: NIOBSDSocket.Handle.self, { $0 })
+        {
+            socketDescriptor = descriptor
+            poller.joined(descriptor)
         }
     }
 
@@ -581,7 +601,29 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard let self else { return }
             self.flushScheduled = false
             self.flushIfNeeded(context: context)
+            self.offerIdlePolling()
         }
+    }
+
+    // MARK: - Idle polling
+
+    /// Every request received has been answered and the replies are on their way: the
+    /// loop may poll this socket for the next one (``IdlePoller``).
+    private func offerIdlePolling() {
+        guard let poller, let socketDescriptor, !pollingIdle, !channelClosing, !clientInputEnded,
+            connection.isInTransmission, connection.inFlight == 0, (received?.readableBytes ?? 0) == 0,
+            !flushPending, tlsBacklog.isEmpty, !isHoldingInput
+        else { return }
+        pollingIdle = true
+        poller.becameIdle(socketDescriptor)
+    }
+
+    /// Takes the socket out of the poller's sets before the channel closes it.
+    private func leaveIdlePolling() {
+        guard let socketDescriptor else { return }
+        self.socketDescriptor = nil
+        pollingIdle = false
+        poller?.removed(socketDescriptor)
     }
 
     private func flushIfNeeded(context: ChannelHandlerContext) {
@@ -670,6 +712,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func endConnection(context: ChannelHandlerContext, delivering: Bool = false) {
         guard !channelClosing else { return }
         channelClosing = true
+        leaveIdlePolling()
         connection.connectionEnded()
         flushIfNeeded(context: context)
         if !tlsBacklog.isEmpty {

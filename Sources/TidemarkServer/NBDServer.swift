@@ -35,6 +35,8 @@ public final class NBDServer: Sendable {
     private let logger: Logger
     private let group: MultiThreadedEventLoopGroup
     private let pool: NIOThreadPool
+    /// Each event loop's ``IdlePoller``, by loop; empty when `--poll-max-ns` is 0.
+    private let pollers: [ObjectIdentifier: NIOLoopBoundBox<IdlePoller>]
     private let serverChannels = Mutex<[any Channel]>([])
     private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
     private let bitmapSaver = Mutex<RepeatedTask?>(nil)
@@ -66,6 +68,18 @@ public final class NBDServer: Sendable {
         self.connectionCap = Atomic(configuration.maximumConnections)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopCount))
         self.pool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadCount))
+        var pollers: [ObjectIdentifier: NIOLoopBoundBox<IdlePoller>] = [:]
+        if configuration.pollMaximumNanoseconds > 0 {
+            let statistics = metrics?.idlePolls ?? IdlePollStatistics()
+            for loop in group.makeIterator() {
+                pollers[ObjectIdentifier(loop)] = NIOLoopBoundBox.makeBoxSendingValue(
+                    IdlePoller(
+                        maximumNanoseconds: configuration.pollMaximumNanoseconds, eventLoop: loop,
+                        statistics: statistics),
+                    eventLoop: loop)
+            }
+        }
+        self.pollers = pollers
     }
 
     /// The most client connections served at once.
@@ -155,6 +169,7 @@ public final class NBDServer: Sendable {
         let budget = payloadBudget
         let waterMark = Self.writeBufferWaterMark
         let metrics = self.metrics
+        let pollers = self.pollers
         return ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -185,7 +200,8 @@ public final class NBDServer: Sendable {
                             registry: registry, pool: pool, handshakeTimeout: timeout,
                             offersStructuredReplies: offersStructuredReplies, offersExtendedHeaders: offersExtendedHeaders,
                             requestTimeout: requestTimeout,
-                            budget: budget, outputLimit: waterMark.high, metrics: metrics, tls: tls, logger: logger))
+                            budget: budget, outputLimit: waterMark.high, metrics: metrics, tls: tls,
+                            poller: pollers[ObjectIdentifier(channel.eventLoop)]?.value, logger: logger))
                 }
             }
     }

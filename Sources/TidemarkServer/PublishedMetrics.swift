@@ -25,6 +25,8 @@ struct PublishedMetrics {
     private var gauges: [GaugeKey: Meter] = [:]
     /// Journal fsync counters and the tracker's count when last published.
     private var journalFsyncs: [String: (counter: Counter, published: UInt64)] = [:]
+    /// Idle-poll counters by outcome and the count when last published.
+    private var idlePolls: [String: (counter: Counter, published: Int)] = [:]
     /// When a pending checkpoint (export, checkpoint id or name) was first seen.
     private var pendingSince: [GaugeKey: ContinuousClock.Instant] = [:]
 
@@ -126,6 +128,17 @@ struct PublishedMetrics {
         if fsyncs > entry.published { entry.counter.increment(by: Int64(fsyncs - entry.published)) }
         entry.published = max(entry.published, fsyncs)
         journalFsyncs[export] = entry
+    }
+
+    /// `tidemark_idle_polls_total{outcome}`: whether polling pays off (`--poll-max-ns`).
+    mutating func publishIdlePolls(caught: Int, expired: Int, factory: any MetricsFactory) {
+        for (outcome, count) in [("caught", caught), ("expired", expired)] {
+            var entry = idlePolls[outcome] ?? (
+                Counter(label: "tidemark_idle_polls_total", dimensions: [("outcome", outcome)], factory: factory), 0)
+            if count > entry.published { entry.counter.increment(by: Int64(count - entry.published)) }
+            entry.published = max(entry.published, count)
+            idlePolls[outcome] = entry
+        }
     }
 
     private static func dimensions(of key: GaugeKey) -> [(String, String)] {

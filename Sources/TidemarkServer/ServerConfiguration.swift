@@ -38,6 +38,14 @@ public struct ServerConfiguration: Sendable {
     /// TLS credentials and policy (`serve --tls`); nil serves plaintext only and refuses
     /// STARTTLS. The TLS handler joins a connection's pipeline only after its STARTTLS.
     public var tls: TLSServerCredentials?
+    /// The longest an event loop busy-polls idle connections for their next request before
+    /// it sleeps (`--poll-max-ns`, as QEMU's iothread property), in nanoseconds; 0 never
+    /// polls. The window adapts below it (``AdaptivePollWindow``).
+    public var pollMaximumNanoseconds: UInt64
+    /// 128 µs: four times QEMU's iothread default. On the 2-core VMs it was measured on, a
+    /// QD1 client's next request came 35–60 µs after its reply, so QEMU's 32 µs never
+    /// opened the window (QD1 reads stayed at 66 µs against 33 µs with 64–128 µs).
+    public static let defaultPollMaximumNanoseconds: UInt64 = 131_072
 
     public init(
         listeners: [Listener],
@@ -49,8 +57,10 @@ public struct ServerConfiguration: Sendable {
         offersExtendedHeaders: Bool = true,
         payloadBudget: Int = PayloadBudget.defaultLimit,
         requestTimeout: TimeAmount = .seconds(30),
-        tls: TLSServerCredentials? = nil
+        tls: TLSServerCredentials? = nil,
+        pollMaximumNanoseconds: UInt64 = ServerConfiguration.defaultPollMaximumNanoseconds
     ) {
+        self.pollMaximumNanoseconds = pollMaximumNanoseconds
         self.listeners = listeners
         self.maximumConnections = maximumConnections
         self.handshakeTimeout = handshakeTimeout

@@ -18,6 +18,8 @@ public final class ServerMetrics: Sendable {
     public static let foldInterval: TimeAmount = .milliseconds(250)
 
     let factory: any MetricsFactory
+    /// How the event loops' idle polls ended (``IdlePoller``), counted on the loops.
+    public let idlePolls = IdlePollStatistics()
     /// What connections folded in since the last publication, by export name.
     private let folded = Mutex<[String: RequestTally]>([:])
     /// The swift-metrics objects made so far; used only by `collect`, under its lock.
@@ -82,6 +84,7 @@ public final class ServerMetrics: Sendable {
         published.withLock { published in
             for (export, tally) in tallies { published.publish(tally, export: export, factory: factory) }
             published.sample(registry.all, now: now, factory: factory)
+            published.publishIdlePolls(caught: idlePolls.caught, expired: idlePolls.expired, factory: factory)
         }
     }
 

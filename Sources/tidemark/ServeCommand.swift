@@ -119,6 +119,12 @@ struct ServeCommand: AsyncParsableCommand {
             valueName: "MIB"))
     var payloadBudget: Int?
 
+    @Option(
+        help: ArgumentHelp(
+            "Longest time an event loop busy-polls idle connections for their next request before it sleeps, as QEMU's iothread poll-max-ns; the window adapts below it. 0 never polls.",
+            valueName: "NANOSECONDS"))
+    var pollMaxNs: UInt64 = ServerConfiguration.defaultPollMaximumNanoseconds
+
     @Option(help: "Event loop threads (default: one per core).")
     var eventLoops: Int?
 
@@ -185,6 +191,9 @@ struct ServeCommand: AsyncParsableCommand {
         if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
         if !(requestTimeout >= 0.1 && requestTimeout <= 86_400) {
             throw ValidationError("--request-timeout must be between 0.1 and 86400 seconds")
+        }
+        if pollMaxNs > 1_000_000 {
+            throw ValidationError("--poll-max-ns must be at most 1000000 (1 ms); 0 turns polling off")
         }
         if let payloadBudget, !(32...(1 << 20)).contains(payloadBudget) {
             throw ValidationError("--payload-budget must be between 32 and 1048576 MiB (a 32 MiB WRITE must fit)")
@@ -270,7 +279,8 @@ struct ServeCommand: AsyncParsableCommand {
             offersExtendedHeaders: !noExtendedHeaders,
             payloadBudget: payloadBudget.map { $0 << 20 } ?? PayloadBudget.defaultLimit,
             requestTimeout: .nanoseconds(Int64(requestTimeout * 1_000_000_000)),
-            tls: credentials
+            tls: credentials,
+            pollMaximumNanoseconds: pollMaxNs
         )
         let metricsListener = try metrics.map { try MetricsListener(parsing: $0) }
         let serverMetrics = metricsListener.map { _ in MetricsListener.bootstrap() }

@@ -1,0 +1,125 @@
+import Glibc
+import NIOCore
+import NIOEmbedded
+import Testing
+@testable import TidemarkServer
+
+@Suite("Adaptive idle polling")
+struct IdlePollingTests {
+    @Test("the window starts closed, doubles from 4 µs on gaps it would have caught, and stops at the maximum")
+    func windowGrows() {
+        var window = AdaptivePollWindow(maximum: 50_000)
+        #expect(window.current == 0)
+        window.record(idleNanoseconds: 0)
+        #expect(window.current == 0, "a gap of nothing teaches nothing")
+        window.record(idleNanoseconds: 45_000)
+        #expect(window.current == AdaptivePollWindow.initial)
+        var seen: [UInt64] = []
+        for _ in 0..<6 {
+            window.record(idleNanoseconds: 45_000)
+            seen.append(window.current)
+        }
+        #expect(seen == [8_000, 16_000, 32_000, 50_000, 50_000, 50_000])
+        var caught = AdaptivePollWindow(maximum: 50_000)
+        for _ in 0..<6 { caught.record(idleNanoseconds: 10_000) }
+        #expect(caught.current == 16_000, "it grows only until it covers the gaps")
+    }
+
+    @Test("gaps longer than the maximum halve the window down to closed")
+    func windowShrinks() {
+        var window = AdaptivePollWindow(maximum: 32_000)
+        for _ in 0..<5 { window.record(idleNanoseconds: 30_000) }
+        #expect(window.current == 32_000)
+        var seen: [UInt64] = []
+        for _ in 0..<4 {
+            window.record(idleNanoseconds: 1_000_000)
+            seen.append(window.current)
+        }
+        #expect(seen == [16_000, 8_000, 4_000, 0])
+        window.record(idleNanoseconds: 1_000_000)
+        #expect(window.current == 0)
+    }
+
+    @Test("a maximum of 0 never opens the window")
+    func windowOff() {
+        var window = AdaptivePollWindow(maximum: 0)
+        for gap: UInt64 in [1, 1_000, 100_000] { window.record(idleNanoseconds: gap) }
+        #expect(window.current == 0)
+    }
+
+    /// A connected pair of stream sockets: the poller watches the first, the test writes
+    /// on the second.
+    static func socketPair() throws -> (watched: CInt, peer: CInt) {
+        var descriptors: [CInt] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &descriptors) == 0 else {
+            throw IOError(errnoCode: errno, reason: "socketpair")
+        }
+        return (descriptors[0], descriptors[1])
+    }
+
+    /// A poller whose window has opened: one idle gap of a few microseconds.
+    static func trainedPoller(members: [CInt], loop: EmbeddedEventLoop) -> IdlePoller {
+        let poller = IdlePoller(maximumNanoseconds: 1_000_000, eventLoop: loop, statistics: IdlePollStatistics())
+        for member in members { poller.joined(member) }
+        for member in members {
+            poller.becameIdle(member)
+            usleep(20)
+            poller.inputArrived(member)
+        }
+        return poller
+    }
+
+    @Test("with every connection idle, a readable socket ends the poll; a silent one lets the window run out")
+    func pollOutcomes() throws {
+        let loop = EmbeddedEventLoop()
+        let (watched, peer) = try Self.socketPair()
+        defer {
+            close(watched)
+            close(peer)
+        }
+        let untrained = IdlePoller(maximumNanoseconds: 1_000_000, eventLoop: loop, statistics: IdlePollStatistics())
+        untrained.joined(watched)
+        untrained.becameIdle(watched)
+        #expect(untrained.pollIdleConnections() == .skipped, "a closed window does not poll")
+
+        let poller = Self.trainedPoller(members: [watched], loop: loop)
+        #expect(poller.currentWindow > 0)
+        poller.becameIdle(watched)
+        #expect(poller.pollIdleConnections() == .expired)
+
+        var byte: UInt8 = 1
+        #expect(write(peer, &byte, 1) == 1)
+        #expect(poller.pollIdleConnections() == .caught)
+        #expect(poller.statistics.caught == 1)
+        #expect(poller.statistics.expired == 1)
+    }
+
+    @Test("becoming idle schedules one poll on the loop, and only once every member is idle")
+    func pollsOnlyWhenAllIdle() throws {
+        let loop = EmbeddedEventLoop()
+        let (first, firstPeer) = try Self.socketPair()
+        let (second, secondPeer) = try Self.socketPair()
+        defer { for descriptor in [first, firstPeer, second, secondPeer] { close(descriptor) } }
+        let poller = Self.trainedPoller(members: [first, second], loop: loop)
+        var byte: UInt8 = 7
+        #expect(write(secondPeer, &byte, 1) == 1)
+
+        poller.becameIdle(first)
+        #expect(poller.pollIdleConnections() == .skipped, "the second connection is busy")
+        loop.run()
+        #expect(poller.statistics.caught + poller.statistics.expired == 0)
+
+        // Input waits on the second socket: the scheduled poll sees it at once.
+        poller.becameIdle(second)
+        loop.run()
+        #expect(poller.statistics.caught == 1)
+
+        // A connection that leaves is not waited for, and its socket is not polled.
+        poller.inputArrived(second)
+        poller.removed(second)
+        poller.becameIdle(first)
+        loop.run()
+        #expect(poller.statistics.expired == 1)
+        #expect(poller.statistics.caught == 1)
+    }
+}
