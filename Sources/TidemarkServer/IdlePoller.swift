@@ -86,6 +86,9 @@ final class IdlePoller {
                 statistics.record(.caught)
                 return .caught
             }
+            // The client may share this core (nothing pins them apart): it must get to
+            // run and send, not wait for the poll's time slice to end.
+            sched_yield()
         } while Self.now() < deadline
         statistics.record(.expired)
         return .expired
