@@ -20,6 +20,10 @@ import Glibc
 /// connection's handshake and the loop's timers. Everything here runs on the loop; only
 /// the counters are read from elsewhere.
 final class IdlePoller {
+    /// Above this many connections on a loop it does not poll: one `poll(2)` over all of
+    /// their sockets would cost more than the wake-up it saves.
+    static let maximumPolledConnections = 64
+
     private let eventLoop: any EventLoop
     private var window: AdaptivePollWindow
     /// Sockets of the loop's connections in transmission.
@@ -48,7 +52,9 @@ final class IdlePoller {
     func becameIdle(_ descriptor: CInt) {
         guard members.contains(descriptor) else { return }
         idleSince[descriptor] = Self.now()
-        guard window.current > 0, !pollScheduled, idleSince.count == members.count else { return }
+        guard window.current > 0, !pollScheduled, idleSince.count == members.count,
+            members.count <= Self.maximumPolledConnections
+        else { return }
         pollScheduled = true
         eventLoop.assumeIsolated().execute { [self] in
             pollScheduled = false
@@ -72,7 +78,9 @@ final class IdlePoller {
     /// Polls the idle sockets until one is readable (or hung up) or the window is over.
     @discardableResult
     func pollIdleConnections() -> IdlePollOutcome {
-        guard window.current > 0, !idleSince.isEmpty, idleSince.count == members.count else { return .skipped }
+        guard window.current > 0, !idleSince.isEmpty, idleSince.count == members.count,
+            members.count <= Self.maximumPolledConnections
+        else { return .skipped }
         descriptors.removeAll(keepingCapacity: true)
         for descriptor in idleSince.keys {
             descriptors.append(pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0))

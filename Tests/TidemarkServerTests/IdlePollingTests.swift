@@ -122,4 +122,20 @@ struct IdlePollingTests {
         #expect(poller.statistics.expired == 1)
         #expect(poller.statistics.caught == 1)
     }
+
+    @Test("a loop with more connections than it polls over sleeps instead, even with input waiting")
+    func tooManyToPoll() throws {
+        let loop = EmbeddedEventLoop()
+        var pairs: [(watched: CInt, peer: CInt)] = []
+        defer { for pair in pairs { close(pair.watched); close(pair.peer) } }
+        for _ in 0...IdlePoller.maximumPolledConnections { pairs.append(try Self.socketPair()) }
+        let poller = Self.trainedPoller(members: pairs.map(\.watched), loop: loop)
+        var byte: UInt8 = 3
+        #expect(write(pairs[0].peer, &byte, 1) == 1)
+        for pair in pairs { poller.becameIdle(pair.watched) }
+        #expect(poller.pollIdleConnections() == .skipped)
+        // One leaves: the rest fit, and the waiting input ends the poll.
+        poller.removed(pairs[pairs.count - 1].watched)
+        #expect(poller.pollIdleConnections() == .caught)
+    }
 }
