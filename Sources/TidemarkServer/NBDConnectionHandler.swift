@@ -13,7 +13,8 @@ public struct ConnectionShouldQuiesceEvent: Sendable {
 /// One client connection's I/O: it feeds received bytes to ``NBDServerConnection`` and
 /// carries out the actions it returns. It keeps only what touches NIO — the receive
 /// buffer and its top-up, the burst's outgoing buffer and its flush, the payload budget,
-/// timers, and completions from the I/O pool. Every protocol decision, including when a
+/// timers, completions from the I/O pool, and telling the loop's ``IdlePoller`` when the
+/// connection has answered everything. Every protocol decision, including when a
 /// disconnect or a stop may close, is the machine's.
 final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
