@@ -101,6 +101,8 @@ extension ExportOpener {
         var info = stat()
         let isBlockDevice = stat(target, &info) == 0 && info.st_mode & S_IFMT == S_IFBLK
         let mapPath: String
+        // A block device's store holds its map, so it is found before the overlay opens.
+        var deviceStore: StoreLocator?
         if isBlockDevice {
             // Checked before anything is created in the state directory.
             let device = try RawImage(path: target, readOnly: true)
@@ -110,13 +112,15 @@ extension ExportOpener {
                     reason: "the device is \(device.size) bytes but the backup's disk is \(chain.size) bytes: too small to hold it "
                         + "(use a device of at least \(chain.size) bytes)")
             }
-            mapPath = StoreLocator(image: device, stateDirectory: stateDirectory).directory + "/" + Self.restoreMapName
+            let store = StoreLocator(image: device, stateDirectory: stateDirectory)
+            deviceStore = store
+            mapPath = store.directory + "/" + Self.restoreMapName
         } else {
             mapPath = target + ".restore-map"
         }
         let identity = "the live restore of \(location.identity), point \(location.index) of \(source.path)"
         let overlay = try ChainOverlay(chain: chain, dataPath: target, mapPath: mapPath, identity: identity, allowLarger: true)
-        let store = StoreLocator(image: overlay.data, stateDirectory: stateDirectory)
+        let store = deviceStore ?? StoreLocator(image: overlay.data, stateDirectory: stateDirectory)
         let tracker: DirtyTracker
         switch try Self.tracker(
             location: store, image: overlay.data, readOnly: false, bitmaps: bitmaps, requireStore: isBlockDevice, logger: logger)

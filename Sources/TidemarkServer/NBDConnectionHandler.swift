@@ -137,13 +137,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        leaveIdlePolling()
-        connection.connectionEnded()
-        received = nil
-        handshakeDeadline?.cancel()
-        handshakeDeadline = nil
-        releaseResources()
-        requestMetrics?.finish()
+        tearDown()
         channelClosing = true
         context.fireChannelInactive()
     }
@@ -577,6 +571,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         armStallTimer(at: lastInput + requestTimeout, context: context)
     }
 
+    /// The connection is over (closing, or closed by the peer): the machine takes no more
+    /// input, the socket leaves the poller, buffered requests are dropped, the timers stop,
+    /// the payload budget goes back and the metrics take their last fold. Safe to repeat.
+    private func tearDown() {
+        leaveIdlePolling()
+        connection.connectionEnded()
+        received = nil
+        handshakeDeadline?.cancel()
+        handshakeDeadline = nil
+        releaseResources()
+        requestMetrics?.finish()
+    }
+
     /// Gives back the payload budget and stops the timers; the connection is gone.
     private func releaseResources() {
         if chargedBytes > 0 {
@@ -713,18 +720,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func endConnection(context: ChannelHandlerContext, delivering: Bool = false) {
         guard !channelClosing else { return }
         channelClosing = true
-        leaveIdlePolling()
-        connection.connectionEnded()
+        // Before the flush: a writability change during it must not decode more input.
+        tearDown()
         flushIfNeeded(context: context)
         if !tlsBacklog.isEmpty {
             writeTLSBacklog(context: context)
             context.flush()
         }
-        received = nil
-        handshakeDeadline?.cancel()
-        handshakeDeadline = nil
-        releaseResources()
-        requestMetrics?.finish()
         guard delivering else {
             context.close(promise: nil)
             return
