@@ -122,7 +122,7 @@ struct ChainExportTests {
     func overlaySurvivesKill() throws {
         let scratch = try TestDirectory()
         let (directory, expected) = try Self.makeChain(in: scratch, seed: 171)
-        let checksums = try (0..<4).map { try ImageFile.sha256(directory + "/" + BackupDirectory.imageName(index: $0)) }
+        let checksums = try Self.checksums(ofChain: directory)
         let socket = scratch.file("rw.sock")
         let server = try TidemarkProcess(
             arguments: ["serve", "--unix", socket, "--export", "vm=backup:\(directory):rw", "--bitmap", "since-restore"],
@@ -156,9 +156,14 @@ struct ChainExportTests {
         let dirty = try ExternalTool.check(
             "nbdinfo", ["--map=qemu:dirty-bitmap:since-restore", try restarted.unixURI(export: "vm")]).stdout
         #expect(dirty.contains("dirty"), "the bitmap on the overlay recorded the writes across the crash: \(dirty)")
-        #expect(try (0..<4).map { try ImageFile.sha256(directory + "/" + BackupDirectory.imageName(index: $0)) } == checksums)
+        #expect(try Self.checksums(ofChain: directory) == checksums, "the backup files were not touched")
         let verify = try ControlPrograms.tidemark(["verify", directory])
         #expect(verify.succeeded, "tidemark verify: \(verify)")
+    }
+
+    /// The SHA-256 of each of the four files `makeChain` writes, to show a test left them alone.
+    static func checksums(ofChain directory: String) throws -> [String] {
+        try (0..<4).map { try ImageFile.sha256(directory + "/" + BackupDirectory.imageName(index: $0)) }
     }
 
     /// The disk of the fio chain: fio writes all of it.
@@ -175,7 +180,7 @@ struct ChainExportTests {
     func fioOnOverlay() throws {
         let scratch = try TestDirectory()
         let (directory, _) = try Self.makeChain(in: scratch, seed: 175, size: Self.fioSize)
-        let checksums = try (0..<4).map { try ImageFile.sha256(directory + "/" + BackupDirectory.imageName(index: $0)) }
+        let checksums = try Self.checksums(ofChain: directory)
         let server = try TidemarkProcess(
             arguments: ["serve", "--unix", scratch.file("fio.sock"), "--export", "vm=backup:\(directory):rw"], directory: scratch)
         let written = try FioTests.fio(try server.unixURI(export: "vm"), in: scratch, Self.fioJob)
@@ -198,7 +203,7 @@ struct ChainExportTests {
             "fio", FioTests.verifyingArguments(try restarted.unixURI(export: "chain")) + Self.fioJob + ["--verify_only=1"],
             timeout: 180, currentDirectory: scratch.path)
         #expect(!chainOnly.succeeded && chainOnly.stderr.contains("verify: bad magic header"), "\(chainOnly)")
-        #expect(try (0..<4).map { try ImageFile.sha256(directory + "/" + BackupDirectory.imageName(index: $0)) } == checksums)
+        #expect(try Self.checksums(ofChain: directory) == checksums, "the backup files were not touched")
         let verify = try ControlPrograms.tidemark(["verify", directory])
         #expect(verify.succeeded, "tidemark verify: \(verify)")
     }

@@ -15,9 +15,22 @@ struct DisconnectTests {
     static let mebibyte = 1 << 20
     static let imageMiB = 64
 
-    static func readRequest(cookie: UInt64, offset: UInt64) -> [UInt8] {
-        RawNBDSocket.be(RawNBDSocket.requestMagic) + RawNBDSocket.be(UInt16(0)) + RawNBDSocket.be(UInt16(0))
-            + RawNBDSocket.be(cookie) + RawNBDSocket.be(offset) + RawNBDSocket.be(UInt32(mebibyte))
+    /// A server on a filled image and a raw client in transmission with it.
+    static func connectedClient() throws -> (ServerFixture, RawNBDSocket) {
+        let fixture = try ServerFixture(size: imageMiB * mebibyte, filled: true)
+        let socketPath = try #require(fixture.server.socketPath)
+        let client = try RawNBDSocket(unixSocket: socketPath, timeout: 20)
+        try client.handshake()
+        try client.go(export: "disk")
+        return (fixture, client)
+    }
+
+    /// `count` 1 MiB READs, cookie i reading MiB i of the image (modulo its size).
+    static func readRequests(count: Int) -> [UInt8] {
+        (0..<count).flatMap { index in
+            RawNBDSocket.request(
+                type: 0, cookie: UInt64(index), offset: UInt64(index % imageMiB * mebibyte), length: UInt32(mebibyte))
+        }
     }
 
     /// Reads `count` simple 1 MiB READ replies and checks each one's data against the
@@ -25,10 +38,9 @@ struct DisconnectTests {
     static func readReplies(_ client: RawNBDSocket, count: Int) throws -> Set<UInt64> {
         var cookies = Set<UInt64>()
         for _ in 0..<count {
-            let header = try client.receive(16)
-            #expect(RawNBDSocket.u32(header, 0) == RawNBDSocket.simpleReplyMagic)
-            #expect(RawNBDSocket.u32(header, 4) == 0, "READ failed")
-            let cookie = RawNBDSocket.u64(header, 8)
+            let reply = try client.readSimpleReply()
+            #expect(reply.error == 0, "READ failed")
+            let cookie = reply.cookie
             let data = try client.receive(mebibyte)
             let offset = Int(cookie) % imageMiB * mebibyte
             if data != ImageFile.pattern(count: mebibyte, offset: offset) {
@@ -43,18 +55,9 @@ struct DisconnectTests {
     /// second, so many replies are still queued in the server when it reads the DISC.
     @Test("300 pipelined 1 MiB READs left unread, then NBD_CMD_DISC: every reply arrives whole, then EOF")
     func pipelinedThenDisconnect() throws {
-        let fixture = try ServerFixture(size: Self.imageMiB * Self.mebibyte, filled: true)
-        let socketPath = try #require(fixture.server.socketPath)
-        let client = try RawNBDSocket(unixSocket: socketPath, timeout: 20)
-        try client.handshake()
-        try client.go(export: "disk")
+        let (fixture, client) = try Self.connectedClient()
         let count = 300
-        var requests: [UInt8] = []
-        for index in 0..<count {
-            requests += Self.readRequest(cookie: UInt64(index), offset: UInt64(index % Self.imageMiB * Self.mebibyte))
-        }
-        requests += RawNBDSocket.be(RawNBDSocket.requestMagic) + RawNBDSocket.be(UInt16(0)) + RawNBDSocket.be(UInt16(2))
-            + RawNBDSocket.be(UInt64(count)) + RawNBDSocket.be(UInt64(0)) + RawNBDSocket.be(UInt32(0))
+        let requests = Self.readRequests(count: count) + RawNBDSocket.request(type: 2, cookie: UInt64(count))
         // The server answers while this is sent: send from another thread, as its replies
         // fill the socket before all requests are out.
         let sent = Thread.detachedResult { try client.send(requests) }
@@ -68,19 +71,11 @@ struct DisconnectTests {
 
     @Test("a half-close after pipelined READs that were sent whole: every reply, then EOF")
     func halfCloseAfterRequests() throws {
-        let fixture = try ServerFixture(size: Self.imageMiB * Self.mebibyte, filled: true)
-        let socketPath = try #require(fixture.server.socketPath)
-        let client = try RawNBDSocket(unixSocket: socketPath, timeout: 20)
-        try client.handshake()
-        try client.go(export: "disk")
+        let (fixture, client) = try Self.connectedClient()
         // 48 requests fit in the socket at once (28 bytes each): all are sent before the
         // shutdown, and most replies are still to come when the server sees EOF.
         let count = 48
-        var requests: [UInt8] = []
-        for index in 0..<count {
-            requests += Self.readRequest(cookie: UInt64(index), offset: UInt64(index % Self.imageMiB * Self.mebibyte))
-        }
-        try client.send(requests)
+        try client.send(Self.readRequests(count: count))
         try client.shutdownWrites()
         Thread.sleep(forTimeInterval: 0.5)
         let cookies = try Self.readReplies(client, count: count)

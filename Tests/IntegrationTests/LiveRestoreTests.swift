@@ -27,6 +27,32 @@ struct LiveRestoreTests {
         }
     }
 
+    /// While the copy runs: the export reads as the chain point (`model`) at once, then 20
+    /// random writes of 512 B to 32 KiB go in, flushed, and read back; `model` takes them.
+    static func writeDuringCopy(
+        _ connection: NBDConnection, model: inout [UInt8], seed: UInt64, patternSeed: UInt8
+    ) throws {
+        #expect(try connection.size == UInt64(size))
+        #expect(try connection.pread(count: size, offset: 0) == model, "served as the chain point before the copy is done")
+        var generator = SeededGenerator(seed: seed)
+        for round in 0..<20 {
+            let length = Int.random(in: 1...64, using: &generator) * 512
+            let offset = Int.random(in: 0..<(size - length) / 512, using: &generator) * 512
+            let bytes = ImageFile.pattern(count: length, offset: offset, seed: patternSeed &+ UInt8(round))
+            try connection.pwrite(bytes, offset: UInt64(offset))
+            model.replaceSubrange(offset..<(offset + length), with: bytes)
+        }
+        try connection.flush()
+        #expect(try connection.pread(count: size, offset: 0) == model)
+    }
+
+    /// A restarted restore reports what it found already copied, and it is not nothing.
+    static func expectResumed(_ server: TidemarkProcess) throws {
+        try waitForLog(server, containing: "already there")
+        let line = try #require(server.serverLog.split(separator: "\n").first { $0.contains("already there") })
+        #expect(!line.contains(" 0% already"), "the restart resumed from saved progress: \(line)")
+    }
+
     @Test("reads are the chain point at once, writes stay, kill -9 mid-copy resumes from saved progress, the finished target is the point plus the writes")
     func liveRestoreWithKill() throws {
         let scratch = try TestDirectory()
@@ -37,18 +63,7 @@ struct LiveRestoreTests {
             arguments: ["restore", "--live", "\(directory)@2", target, "--unix", scratch.file("lr.sock"), "--rate", "1M"],
             directory: scratch)
         let connection = try first.connect(export: "disk")
-        #expect(try connection.size == UInt64(Self.size))
-        #expect(try connection.pread(count: Self.size, offset: 0) == model, "served as the chain point before the copy is done")
-        var generator = SeededGenerator(seed: 5)
-        for round in 0..<20 {
-            let length = Int.random(in: 1...64, using: &generator) * 512
-            let offset = Int.random(in: 0..<(Self.size - length) / 512, using: &generator) * 512
-            let bytes = ImageFile.pattern(count: length, offset: offset, seed: UInt8(100 + round))
-            try connection.pwrite(bytes, offset: UInt64(offset))
-            model.replaceSubrange(offset..<(offset + length), with: bytes)
-        }
-        try connection.flush()
-        #expect(try connection.pread(count: Self.size, offset: 0) == model)
+        try Self.writeDuringCopy(connection, model: &model, seed: 5, patternSeed: 100)
         usleep(2_500_000)  // a few of 16 MiB at 1 MiB/s (at least 14 s in all), progress saved every second
         try first.stop(signal: SIGKILL)
         #expect(!first.serverLog.contains("complete"), "the copy was still running at the kill:\n\(first.serverLog)")
@@ -61,8 +76,7 @@ struct LiveRestoreTests {
         let second = try TidemarkProcess(
             arguments: ["restore", "--live", "\(directory)@2", target, "--unix", scratch.file("lr2.sock")], directory: scratch)
         defer { _ = try? second.stop(signal: SIGKILL) }
-        let resumed = try #require(second.serverLog.split(separator: "\n").first { $0.contains("already there") })
-        #expect(!resumed.contains(" 0% already"), "the restart resumed from saved progress: \(resumed)")
+        try Self.expectResumed(second)
         try Self.waitForLog(second, containing: "complete")
         let again = try second.connect(export: "disk")
         #expect(try again.pread(count: Self.size, offset: 0) == model, "the export after completion")
@@ -120,18 +134,7 @@ struct LiveRestoreTests {
             directory: scratch)
         defer { _ = try? first.stop(signal: SIGKILL) }
         let connection = try first.connect(export: "disk")
-        #expect(try connection.size == UInt64(Self.size))
-        #expect(try connection.pread(count: Self.size, offset: 0) == model, "served as the chain point before the copy is done")
-        var generator = SeededGenerator(seed: 15)
-        for round in 0..<20 {
-            let length = Int.random(in: 1...64, using: &generator) * 512
-            let offset = Int.random(in: 0..<(Self.size - length) / 512, using: &generator) * 512
-            let bytes = ImageFile.pattern(count: length, offset: offset, seed: UInt8(120 + round))
-            try connection.pwrite(bytes, offset: UInt64(offset))
-            model.replaceSubrange(offset..<(offset + length), with: bytes)
-        }
-        try connection.flush()
-        #expect(try connection.pread(count: Self.size, offset: 0) == model)
+        try Self.writeDuringCopy(connection, model: &model, seed: 15, patternSeed: 120)
         // A second writer of the same device is refused while this one runs.
         let second = try ControlPrograms.tidemark(
             ["restore", "--live", "\(directory)@2", device.path, "--unix", scratch.file("b2.sock"), "--state-dir", state], timeout: 30)
@@ -152,9 +155,7 @@ struct LiveRestoreTests {
             arguments: ["restore", "--live", "\(directory)@2", device.path, "--unix", scratch.file("b3.sock"), "--state-dir", state],
             directory: scratch)
         defer { _ = try? resumed.stop(signal: SIGKILL) }
-        try Self.waitForLog(resumed, containing: "already there")
-        let line = try #require(resumed.serverLog.split(separator: "\n").first { $0.contains("already there") })
-        #expect(!line.contains(" 0% already"), "the restart resumed from saved progress: \(line)")
+        try Self.expectResumed(resumed)
         try Self.waitForLog(resumed, containing: "complete")
         let again = try resumed.connect(export: "disk")
         #expect(try again.pread(count: Self.size, offset: 0) == model, "the export after completion")

@@ -41,9 +41,8 @@ struct MemoryBoundTests {
             var requests: [UInt8] = []
             for read in 0..<readsPerConnection {
                 let offset = UInt64((read + index) % imageMiB) * UInt64(Self.mebibyte)
-                requests += RawNBDSocket.be(RawNBDSocket.requestMagic) + RawNBDSocket.be(UInt16(0))
-                    + RawNBDSocket.be(Self.readCommand) + RawNBDSocket.be(UInt64(read))
-                    + RawNBDSocket.be(offset) + RawNBDSocket.be(UInt32(Self.mebibyte))
+                requests += RawNBDSocket.request(
+                    type: Self.readCommand, cookie: UInt64(read), offset: offset, length: UInt32(Self.mebibyte))
             }
             try client.send(requests)
         }
@@ -64,10 +63,9 @@ struct MemoryBoundTests {
         for (index, client) in clients.enumerated() {
             var cookies = Set<UInt64>()
             for _ in 0..<readsPerConnection {
-                let header = try client.receive(16)
-                #expect(RawNBDSocket.u32(header, 0) == RawNBDSocket.simpleReplyMagic)
-                #expect(RawNBDSocket.u32(header, 4) == 0, "READ failed")
-                let cookie = RawNBDSocket.u64(header, 8)
+                let reply = try client.readSimpleReply()
+                #expect(reply.error == 0, "READ failed")
+                let cookie = reply.cookie
                 let payload = try client.receive(Self.mebibyte)
                 let chunk = (Int(cookie) + index) % imageMiB
                 let same = payload.count == expected[chunk].count && payload.withUnsafeBytes { received in
@@ -103,9 +101,7 @@ struct MemoryBoundTests {
         let announced = 32 * Self.mebibyte
         let clients = try (0..<connections).map { _ in try Self.rawClient(socketPath) }
         // Header + payload less 10 bytes, per connection; sent as fast as the server takes it.
-        var message = RawNBDSocket.be(RawNBDSocket.requestMagic) + RawNBDSocket.be(UInt16(0))
-            + RawNBDSocket.be(Self.writeCommand) + RawNBDSocket.be(UInt64(1))
-            + RawNBDSocket.be(UInt64(0)) + RawNBDSocket.be(UInt32(announced))
+        var message = RawNBDSocket.request(type: Self.writeCommand, cookie: 1, length: UInt32(announced))
         message += [UInt8](repeating: 0xA5, count: announced - 10)
         var sent = [Int](repeating: 0, count: connections)
         var closed = [Bool](repeating: false, count: connections)

@@ -325,14 +325,18 @@ struct TLSTests {
             "nbds+unix:///disk?socket=\(directory.socketPath)", in: directory,
             ["--name=randwrite", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=8m", "--randseed=7"],
             environment: ["HOME": home])
-        let uri = TLSFiles.x509URI(socket: directory.socketPath, certificates: files.certificates)
         #expect(FioTests.jobErrors(json) == [0])
         #expect(FioTests.ioBytes(json, "write") == 8 * Self.mib)
-        // fio verified through TLS; the image holds the same bytes when read in plaintext.
-        let plain = directory.file("copy.raw")
-        try ExternalTool.check("nbdcopy", [uri, plain])
-        #expect(try ImageFile.sha256(plain) == ImageFile.sha256(directory.file("disk.img")))
+        // fio verified through TLS; a copy over TLS is the image file byte for byte.
+        try Self.expectCopyOverTLSMatchesImage(files: files, in: directory)
         try server.stop()
+    }
+
+    /// nbdcopy of the export over TLS into a file holds what the served image holds.
+    static func expectCopyOverTLSMatchesImage(files: TLSFiles, in directory: TestDirectory) throws {
+        let copy = directory.file("copy.raw")
+        try ExternalTool.check("nbdcopy", [TLSFiles.x509URI(socket: directory.socketPath, certificates: files.certificates), copy])
+        #expect(try ImageFile.sha256(copy) == ImageFile.sha256(directory.file("disk.img")))
     }
 
     @Test("nbdcopy over TLS copies the export byte-exact")
@@ -340,9 +344,7 @@ struct TLSTests {
         let directory = try TestDirectory()
         let files = try TLSFiles(in: directory)
         let server = try serve(["--tls", "require", "--tls-certificates", files.certificates], files: files, in: directory)
-        let copy = directory.file("copy.raw")
-        try ExternalTool.check("nbdcopy", [TLSFiles.x509URI(socket: directory.socketPath, certificates: files.certificates), copy])
-        #expect(try ImageFile.sha256(copy) == ImageFile.sha256(directory.file("disk.img")))
+        try Self.expectCopyOverTLSMatchesImage(files: files, in: directory)
         try server.stop()
     }
 }

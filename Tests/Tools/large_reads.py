@@ -13,12 +13,10 @@ import sys
 
 import nbd
 
+from libnbd_connection import connect
+
 uri, request_bytes, in_flight, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-handle = nbd.NBD()
-if len(sys.argv) > 5:
-    handle.set_tls(nbd.TLS_REQUIRE)
-    handle.set_tls_certificates(sys.argv[5])
-handle.connect_uri(uri)
+handle = connect(uri, sys.argv[5] if len(sys.argv) > 5 else None)
 size = handle.get_size()
 buffers = [nbd.Buffer(request_bytes) for _ in range(in_flight)]
 digest = hashlib.sha256()

@@ -15,12 +15,10 @@ import sys
 
 import nbd
 
+from libnbd_connection import connect
+
 uri, count = sys.argv[1], int(sys.argv[2])
-handle = nbd.NBD()
-if len(sys.argv) > 3:
-    handle.set_tls(nbd.TLS_REQUIRE)
-    handle.set_tls_certificates(sys.argv[3])
-handle.connect_uri(uri)
+handle = connect(uri, sys.argv[3] if len(sys.argv) > 3 else None)
 size = handle.get_size()
 results = {"ok": 0, "failed": 0}
 

@@ -219,9 +219,12 @@ final class RawNBDSocket {
         type: UInt16, flags: UInt16 = 0, cookie: UInt64, offset: UInt64 = 0, length: UInt32 = 0,
         payload: [UInt8] = []
     ) throws {
-        try send(
-            Self.be(Self.requestMagic) + Self.be(flags) + Self.be(type) + Self.be(cookie)
-                + Self.be(offset) + Self.be(length) + payload)
+        try send(Self.request(type: type, flags: flags, cookie: cookie, offset: offset, length: length) + payload)
+    }
+
+    /// A compact request header, for tests that pipeline many before sending.
+    static func request(type: UInt16, flags: UInt16 = 0, cookie: UInt64, offset: UInt64 = 0, length: UInt32 = 0) -> [UInt8] {
+        be(requestMagic) + be(flags) + be(type) + be(cookie) + be(offset) + be(length)
     }
 
     /// Reads a simple reply header (no data).
