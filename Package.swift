@@ -77,7 +77,7 @@ let package = Package(
         .target(
             name: "TidemarkServer",
             dependencies: [
-                "NBDProtocol", "BlockStorage", "BackupChain", "DirtyTracking", "TidemarkTLS",
+                "NBDProtocol", "BlockStorage", "BackupChain", "DirtyTracking", "TidemarkTLS", "CLinuxIO",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -15,6 +15,12 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+int clinuxio_set_noatime(int fd) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NOATIME) != 0) return errno;
+    return 0;
+}
+
 ssize_t clinuxio_pread_nowait(int fd, void *buf, size_t count, off_t offset) {
     struct iovec iov = { .iov_base = buf, .iov_len = count };
     return preadv2(fd, &iov, 1, offset, RWF_NOWAIT);
@@ -134,6 +140,10 @@ int clinuxio_is_block_device(int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return 0;
     return S_ISBLK(st.st_mode) ? 1 : 0;
+}
+
+void clinuxio_release_free_memory(void) {
+    malloc_trim(0);
 }
 
 void clinuxio_keep_large_allocations(size_t threshold) {

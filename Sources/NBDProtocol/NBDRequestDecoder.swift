@@ -3,6 +3,10 @@ import NIOCore
 /// Splits the transmission byte stream into requests, in the connection's framing.
 ///
 /// WRITE payloads up to the advertised maximum come out as zero-copy slices of the input.
+/// A WRITE whose header has arrived without all of its payload gives up its header at
+/// once and waits for the payload alone: a client that sends the two separately (libnbd
+/// does) then has its payload sliced out of the next read where it lies, instead of
+/// copied onto the header.
 /// Larger ones, up to `NBDLimits.maximumDrainedPayload`, are consumed as they arrive
 /// without being buffered, and the request is marked `payloadDiscarded` so it can be
 /// refused with EINVAL while the stream stays in sync. Anything larger, or a bad magic,
@@ -28,6 +32,8 @@ public struct NBDRequestDecoder {
     /// The header layout requests arrive in.
     public let framing: NBDFraming
     private var draining: (request: NBDRequest, remaining: Int)?
+    /// A WRITE whose header was consumed; the front of the input is its payload.
+    private var awaitingPayload: (request: NBDRequest, length: Int)?
 
     public init(framing: NBDFraming = .compact) {
         self.framing = framing
@@ -61,9 +67,11 @@ public struct NBDRequestDecoder {
         }
     }
 
-    /// Bytes the decoder still needs before it can emit the request being read, if known.
+    /// Bytes the decoder still needs before it can emit the request being read, if known:
+    /// header and payload, or the payload alone once the header was taken.
     /// Lets the caller size its receive buffer for a large WRITE in one allocation.
     public func bytesNeeded(in buffer: ByteBuffer) -> Int? {
+        if let awaitingPayload { return awaitingPayload.length }
         guard draining == nil, let header = header(in: buffer),
             // A header with a bad magic ends the connection: never reserve (or wait for) the
             // payload it claims.
@@ -83,14 +91,27 @@ public struct NBDRequestDecoder {
     public func bytesMissing(in buffer: ByteBuffer) -> Int? {
         guard draining == nil else { return nil }
         let available = buffer.readableBytes
+        if let awaitingPayload { return max(0, awaitingPayload.length - available) }
         let headerSize = framing.requestHeaderSize
         guard available >= headerSize else { return headerSize - available }
         guard let needed = bytesNeeded(in: buffer) else { return 0 }
         return max(0, needed - available)
     }
 
+    /// True between a request's first byte being taken and its last: a WRITE's header
+    /// without all its payload, or an oversized payload being drained. The input buffer
+    /// may then be empty while a request is still partly received.
+    public var isWithinRequest: Bool { awaitingPayload != nil || draining != nil }
+
     /// Decodes at most one request from `buffer`.
     public mutating func decode(_ buffer: inout ByteBuffer) -> Result {
+        if let (request, length) = awaitingPayload {
+            guard buffer.readableBytes >= length else { return .needMoreData }
+            var complete = request
+            complete.payload = buffer.readSlice(length: length)
+            awaitingPayload = nil
+            return .request(complete)
+        }
         if let (request, remaining) = draining {
             let take = min(remaining, buffer.readableBytes)
             buffer.moveReaderIndex(forwardBy: take)
@@ -132,8 +153,11 @@ public struct NBDRequestDecoder {
             draining = (request, Int(payload))
             return decode(&buffer)
         }
-        guard buffer.readableBytes >= headerSize + Int(payload) else { return .needMoreData }
         buffer.moveReaderIndex(forwardBy: headerSize)
+        guard buffer.readableBytes >= Int(payload) else {
+            awaitingPayload = (request, Int(payload))
+            return .needMoreData
+        }
         request.payload = buffer.readSlice(length: Int(payload))
         return .request(request)
     }

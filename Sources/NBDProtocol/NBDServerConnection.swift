@@ -114,8 +114,12 @@ public final class NBDServerConnection {
         phase == .transmission ? decoder.bytesMissing(in: input) : nil
     }
 
+    /// True while a request is partly received even if `input` is empty: a WRITE's
+    /// header waits for its payload, or an oversized payload is being drained.
+    public var isWithinRequest: Bool { phase == .transmission && decoder.isWithinRequest }
+
     /// The size of the request at the front of `input` when it is a WRITE whose payload
-    /// will be kept, so its buffer can be allocated once (see ``NBDRequestDecoder/bytesNeeded(in:)``).
+    /// will be kept (its payload alone once the header was taken), so its buffer can be allocated once (see ``NBDRequestDecoder/bytesNeeded(in:)``).
     public func bytesNeeded(in input: ByteBuffer) -> Int? {
         phase == .transmission ? decoder.bytesNeeded(in: input) : nil
     }

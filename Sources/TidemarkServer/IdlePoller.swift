@@ -8,7 +8,8 @@ import Glibc
 /// Busy-polls, on one event loop, the sockets of its connections once all of them have
 /// answered every request they were sent, for the loop's ``AdaptivePollWindow``, so that
 /// the next request of a queue-depth-1 client is read as it arrives instead of after a
-/// wake-up.
+/// wake-up. Only a client that waits for each reply (``ClientPacing``) starts a poll; a
+/// pipelining one's socket is watched with the others while it is idle too.
 ///
 /// The poll runs as one task after the tick's I/O and tasks, over every connection of the
 /// loop at once (one `poll(2)` with a zero timeout per turn): it ends as soon as any of
@@ -30,6 +31,9 @@ final class IdlePoller {
     private var members: Set<CInt> = []
     /// Idle connections' sockets and since when they are idle (monotonic nanoseconds).
     private var idleSince: [CInt: UInt64] = [:]
+    /// Idle connections whose clients wait for each reply (``ClientPacing``): a poll is
+    /// for them; the others' sockets are only watched alongside.
+    private var pollWanted: Set<CInt> = []
     private var descriptors: [pollfd] = []
     private var pollScheduled = false
     let statistics: IdlePollStatistics
@@ -49,12 +53,12 @@ final class IdlePoller {
     }
 
     /// The connection on `descriptor` has sent every reply and holds no request.
-    func becameIdle(_ descriptor: CInt) {
+    /// `wantsPoll`: its client waits for each reply, so its next request is worth a poll.
+    func becameIdle(_ descriptor: CInt, wantsPoll: Bool = true) {
         guard members.contains(descriptor) else { return }
         idleSince[descriptor] = Self.now()
-        guard window.current > 0, !pollScheduled, idleSince.count == members.count,
-            members.count <= Self.maximumPolledConnections
-        else { return }
+        if wantsPoll { pollWanted.insert(descriptor) } else { pollWanted.remove(descriptor) }
+        guard !pollScheduled, shouldPoll else { return }
         pollScheduled = true
         eventLoop.assumeIsolated().execute { [self] in
             pollScheduled = false
@@ -62,8 +66,15 @@ final class IdlePoller {
         }
     }
 
+    /// Every connection is idle, one of them wants a poll, and polling is on.
+    private var shouldPoll: Bool {
+        window.current > 0 && !pollWanted.isEmpty && idleSince.count == members.count
+            && members.count <= Self.maximumPolledConnections
+    }
+
     /// Input arrived on an idle connection: the gap teaches the window.
     func inputArrived(_ descriptor: CInt) {
+        pollWanted.remove(descriptor)
         guard let since = idleSince.removeValue(forKey: descriptor) else { return }
         let now = Self.now()
         window.record(idleNanoseconds: now > since ? now - since : 0)
@@ -73,14 +84,13 @@ final class IdlePoller {
     func removed(_ descriptor: CInt) {
         members.remove(descriptor)
         idleSince.removeValue(forKey: descriptor)
+        pollWanted.remove(descriptor)
     }
 
     /// Polls the idle sockets until one is readable (or hung up) or the window is over.
     @discardableResult
     func pollIdleConnections() -> IdlePollOutcome {
-        guard window.current > 0, !idleSince.isEmpty, idleSince.count == members.count,
-            members.count <= Self.maximumPolledConnections
-        else { return .skipped }
+        guard shouldPoll else { return .skipped }
         descriptors.removeAll(keepingCapacity: true)
         for descriptor in idleSince.keys {
             descriptors.append(pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0))
@@ -113,7 +123,8 @@ enum IdlePollOutcome: Sendable, Equatable {
     case caught
     /// The window passed with no input; the loop went to sleep.
     case expired
-    /// Polling is off or has backed off to a zero window, or a connection was busy.
+    /// Polling is off or has backed off to a zero window, a connection was busy, or no
+    /// idle client waits for each reply.
     case skipped
 }
 

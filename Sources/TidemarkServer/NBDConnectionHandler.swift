@@ -1,3 +1,4 @@
+import CLinuxIO
 import Logging
 import NBDProtocol
 import NIOCore
@@ -101,6 +102,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var socketDescriptor: CInt?
     /// The poller counts this connection as idle.
     private var pollingIdle = false
+    /// Whether this client waits for each reply, learnt from how many requests each
+    /// socket read brings (`requestsThisRead`, counted until `channelReadComplete`).
+    private var pacing = ClientPacing()
+    private var requestsThisRead = 0
 
     init(
         registry: ExportRegistry, pool: NIOThreadPool, handshakeTimeout: TimeAmount, offersStructuredReplies: Bool,
@@ -187,7 +192,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             poller?.inputArrived(socketDescriptor)
         }
         readBytes(unwrapInboundIn(data), context: context)
-        if received != nil { notePartialInput(context: context) }
+        if received != nil || connection.isWithinRequest { notePartialInput(context: context) }
     }
 
     private func readBytes(_ data: ByteBuffer, context: ChannelHandlerContext) {
@@ -250,6 +255,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        pacing.readCompleted(requests: requestsThisRead)
+        requestsThisRead = 0
         flushIfNeeded(context: context)
         offerIdlePolling()
         context.fireChannelReadComplete()
@@ -296,8 +303,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .enterTransmission(let session):
                 enterTransmission(session, context: context)
             case .execute(let cookie, let command, let cost):
+                requestsThisRead += 1
                 execute(command, cookie: cookie, cost: cost, context: context)
             case .refused(_, let command, _, let message):
+                requestsThisRead += 1
                 logger.debug("\(NBDNames.command(command)) refused: \(message)")
                 if let metrics = requestMetrics { metrics.refused(rawCommand: command, startedAt: metrics.started()) }
             case .close(let reason):
@@ -556,7 +565,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Closes the connection when its partly received request has not grown for
     /// `requestTimeout` while the server was ready to read it.
     private func checkStall(context: ChannelHandlerContext) {
-        guard !connection.isClosed, let buffer = received, buffer.readableBytes > 0,
+        let buffer = received ?? ByteBuffer()
+        guard !connection.isClosed, buffer.readableBytes > 0 || connection.isWithinRequest,
             (connection.bytesMissing(in: buffer) ?? 1) > 0
         else { return }
         let now = NIODeadline.now()
@@ -589,6 +599,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if chargedBytes > 0 {
             budget.release(chargedBytes)
             chargedBytes = 0
+            // Its large WRITE buffer (up to 32 MiB) came from the heap, which keeps what is
+            // freed there (`clinuxio_keep_large_allocations`): give it back, or connections
+            // that announced large WRITEs and died leave their memory behind.
+            clinuxio_release_free_memory()
         }
         awaitingBudget = false
         budgetRetry?.cancel()
@@ -623,7 +637,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             !flushPending, tlsBacklog.isEmpty, !isHoldingInput
         else { return }
         pollingIdle = true
-        poller.becameIdle(socketDescriptor)
+        poller.becameIdle(socketDescriptor, wantsPoll: pacing.waitsForEachReply)
     }
 
     /// Takes the socket out of the poller's sets before the channel closes it.

@@ -87,6 +87,43 @@ struct IdlePollingTests {
         #expect(fixture.server.isRunning)
     }
 
+    @Test("a client that pipelines starts no polls of its own; a QD1 client after it is polled for again")
+    func pipeliningClientIsNotPolled() throws {
+        let (fixture, port) = try MetricsTests.serveWithMetrics(
+            extraArguments: ["--event-loops", "1", "--poll-max-ns", "1000000"])
+        func polls() throws -> Double {
+            let samples = try MetricsTests.scrape(port: port)
+            return (samples[Self.caught] ?? 0) + (samples[Self.expired] ?? 0)
+        }
+        // A QD1 client opens the window.
+        let solo = try fixture.connect()
+        #expect(try Self.writeAndReadBack(solo, base: 0, rounds: 200, seed: 5).isEmpty)
+        try solo.shutdown()
+        let afterSolo = try polls()
+        #expect(afterSolo > 0, "the QD1 client was never polled for")
+
+        // 100 bursts of 32 reads in flight: each burst ends with the connection idle,
+        // which before pacing started a poll every time.
+        let pipelining = try fixture.connect()
+        for burst in 0..<100 {
+            let reads = (0..<32).map { (offset: UInt64((burst * 32 + $0) % 256 * 4096), count: 4096) }
+            for (slot, result) in pipelining.pipelinedReads(reads).enumerated() {
+                guard case .success(let data) = result else {
+                    Issue.record("burst \(burst) read \(slot): \(result)")
+                    return
+                }
+                #expect(data.count == 4096)
+            }
+        }
+        let pipelined = try polls() - afterSolo
+        #expect(pipelined <= 10, "\(pipelined) polls for 100 bursts of a pipelining client")
+
+        // The same client at queue depth 1 earns polling back after 16 single reads.
+        #expect(try Self.writeAndReadBack(pipelining, base: 2 << 20, rounds: 100, seed: 6).isEmpty)
+        #expect(try polls() - afterSolo - pipelined >= 100, "a client back at QD1 is polled for again")
+        try pipelining.shutdown()
+    }
+
     @Test("--poll-max-ns 0 never polls; more than 1 ms is refused")
     func pollingOff() throws {
         let (fixture, port) = try MetricsTests.serveWithMetrics(extraArguments: ["--poll-max-ns", "0"])

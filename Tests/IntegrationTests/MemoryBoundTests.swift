@@ -86,6 +86,38 @@ struct MemoryBoundTests {
         #expect(fixture.server.isRunning)
     }
 
+    @Test("a WRITE header sent alone: its payload 300 ms later is written; a header whose payload never comes is cut by --request-timeout")
+    func headerBeforePayload() throws {
+        let fixture = try ServerFixture(size: 8 * Self.mebibyte, extraArguments: ["--request-timeout", "1"])
+        let socketPath = try #require(fixture.server.socketPath)
+        let client = try Self.rawClient(socketPath)
+        let data = ImageFile.pattern(count: 4096, offset: 12_288, seed: 4)
+        try client.send(RawNBDSocket.request(type: Self.writeCommand, cookie: 1, offset: 12_288, length: 4096))
+        usleep(300_000)
+        try client.send(data)
+        let written = try client.readSimpleReply()
+        #expect(written.error == 0 && written.cookie == 1)
+        try client.sendRequest(type: Self.readCommand, cookie: 2, offset: 12_288, length: 4096)
+        let read = try client.readSimpleReply()
+        #expect(read.error == 0 && read.cookie == 2)
+        #expect(try client.receive(4096) == data)
+
+        // Only the header: the server holds no byte of the request in its buffer, and the
+        // stall is still seen.
+        let silent = try Self.rawClient(socketPath)
+        try silent.send(RawNBDSocket.request(type: Self.writeCommand, cookie: 3, offset: 0, length: 4096))
+        let started = Date()
+        while !silent.peerHasClosed() && Date().timeIntervalSince(started) < 10 { usleep(20_000) }
+        let elapsed = Date().timeIntervalSince(started)
+        #expect(elapsed >= 0.9 && elapsed < 5, "closed after \(elapsed) s")
+        #expect(fixture.server.serverLog.contains("stalled"), "\(fixture.server.serverLog)")
+        // The first client is unaffected.
+        try client.sendRequest(type: Self.readCommand, cookie: 4, offset: 12_288, length: 4096)
+        #expect(try client.readSimpleReply().error == 0)
+        #expect(try client.receive(4096) == data)
+        #expect(fixture.server.isRunning)
+    }
+
     @Test("WRITEs announced as 32 MiB and left short on 40 connections: RSS within the payload budget; --request-timeout closes them")
     func shortWrites() throws {
         // 15 of the 40 fit at a time: three rounds of the 1 s timeout.

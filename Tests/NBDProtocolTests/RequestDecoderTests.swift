@@ -89,18 +89,22 @@ struct RequestDecoderTests {
         #expect(buffer.bytes == [1])
     }
 
-    @Test("every strict prefix of a request needs more data and consumes nothing")
+    @Test("every strict prefix of a request needs more data; only a whole WRITE header is consumed before the rest")
     func partialInput() throws {
         let payload = [UInt8](repeating: 0xAB, count: 100)
         for message in [
             Client.request(type: Wire.cmdRead, length: 4096),
             Client.request(type: Wire.cmdWrite, length: 100, payload: payload),
         ] {
+            let isWrite = message.count > 28
             for prefix in 0..<message.count {
                 var decoder = NBDRequestDecoder()
                 var buffer = ByteBuffer(bytes: message[0..<prefix])
                 #expect(decoder.decode(&buffer).isNeedMoreData, "prefix \(prefix)")
-                #expect(buffer.readableBytes == prefix, "prefix \(prefix)")
+                let headerTaken = isWrite && prefix >= 28
+                #expect(buffer.readableBytes == (headerTaken ? prefix - 28 : prefix), "prefix \(prefix)")
+                #expect(decoder.isWithinRequest == headerTaken, "prefix \(prefix)")
+                #expect(decoder.bytesMissing(in: buffer) == (prefix < 28 ? 28 - prefix : message.count - prefix), "prefix \(prefix)")
                 // Completing the message then yields the request.
                 buffer.writeBytes(message[prefix...])
                 let request = try #require(decoder.decode(&buffer).request, "prefix \(prefix)")
@@ -112,6 +116,27 @@ struct RequestDecoderTests {
                 #expect(buffer.readableBytes == 0)
             }
         }
+    }
+
+    @Test("a WRITE header read alone: its payload is then sliced from the next read in place, not copied")
+    func payloadAfterHeaderIsNotCopied() throws {
+        var decoder = NBDRequestDecoder()
+        let payload = (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 3) }
+        var header = ByteBuffer(bytes: Client.request(type: Wire.cmdWrite, cookie: 9, offset: 4096, length: 4096))
+        #expect(decoder.decode(&header).isNeedMoreData)
+        #expect(header.readableBytes == 0)
+        #expect(decoder.bytesNeeded(in: header) == 4096)
+        let next = Client.request(type: Wire.cmdFlush, cookie: 10)
+        var second = ByteBuffer(bytes: payload + next)
+        let request = try #require(decoder.decode(&second).request)
+        #expect(request.cookie == 9 && request.offset == 4096)
+        let slice = try #require(request.payload)
+        #expect(slice.bytes == payload)
+        let sliceStart = slice.withUnsafeReadableBytes { $0.baseAddress }
+        let inputStart = second.withUnsafeReadableBytes { $0.baseAddress.map { $0 - 4096 } }
+        #expect(sliceStart == inputStart, "the payload is the input's own storage")
+        #expect(!decoder.isWithinRequest)
+        #expect(try #require(decoder.decode(&second).request).cookie == 10)
     }
 
     @Test("a bad magic is a protocol violation", arguments: [UInt32(0), 0x2560_9514, 0x21e4_1c71, 0x6744_6698, 0x1325_6025])
@@ -193,7 +218,8 @@ struct RequestDecoderTests {
         let length = 32 << 20
         var buffer = ByteBuffer(bytes: Client.request(type: Wire.cmdWrite, length: UInt32(length)))
         #expect(decoder.decode(&buffer).isNeedMoreData)
-        #expect(buffer.readableBytes == 28)
+        #expect(buffer.readableBytes == 0, "the header is taken; the payload is awaited")
+        #expect(decoder.bytesNeeded(in: buffer) == length)
         buffer.writeRepeatingByte(0x42, count: length)
         let request = try #require(decoder.decode(&buffer).request)
         #expect(request.payloadDiscarded == false)

@@ -138,4 +138,52 @@ struct IdlePollingTests {
         poller.removed(pairs[pairs.count - 1].watched)
         #expect(poller.pollIdleConnections() == .caught)
     }
+
+    @Test("a read of two requests or more marks a pipelining client; 16 single-request reads in a row clear it")
+    func pacing() {
+        var pacing = ClientPacing()
+        #expect(pacing.waitsForEachReply, "a new client is taken to wait for each reply")
+        for _ in 0..<100 { pacing.readCompleted(requests: 1) }
+        #expect(pacing.waitsForEachReply)
+        pacing.readCompleted(requests: 0)
+        #expect(pacing.waitsForEachReply, "a read with only part of a request says nothing")
+        pacing.readCompleted(requests: 2)
+        #expect(!pacing.waitsForEachReply)
+        for _ in 0..<(ClientPacing.probation - 1) { pacing.readCompleted(requests: 1) }
+        pacing.readCompleted(requests: 0)
+        #expect(!pacing.waitsForEachReply, "\(ClientPacing.probation - 1) single reads and an empty one are not enough")
+        pacing.readCompleted(requests: 5)
+        for _ in 0..<(ClientPacing.probation - 1) { pacing.readCompleted(requests: 1) }
+        #expect(!pacing.waitsForEachReply, "a new batch starts the count again")
+        pacing.readCompleted(requests: 1)
+        #expect(pacing.waitsForEachReply)
+    }
+
+    @Test("idle pipelining clients alone start no poll; one idle client that waits for each reply does, and the poll watches them all")
+    func pollOnlyForWaitingClients() throws {
+        let loop = EmbeddedEventLoop()
+        let (waiting, waitingPeer) = try Self.socketPair()
+        let (pipelining, pipeliningPeer) = try Self.socketPair()
+        defer { for descriptor in [waiting, waitingPeer, pipelining, pipeliningPeer] { close(descriptor) } }
+        let poller = Self.trainedPoller(members: [waiting, pipelining], loop: loop)
+
+        poller.becameIdle(pipelining, wantsPoll: false)
+        poller.becameIdle(waiting, wantsPoll: false)
+        loop.run()
+        #expect(poller.pollIdleConnections() == .skipped)
+        #expect(poller.statistics.caught + poller.statistics.expired == 0)
+
+        // The first client's next request; then it is idle again and waits for each reply.
+        poller.inputArrived(waiting)
+        var byte: UInt8 = 5
+        #expect(write(pipeliningPeer, &byte, 1) == 1)
+        poller.becameIdle(waiting, wantsPoll: true)
+        loop.run()
+        #expect(poller.statistics.caught == 1, "the pipelining client's input ends the poll the other one started")
+
+        // Once the waiting client's input arrived, only the pipelining one is idle: no poll.
+        poller.inputArrived(waiting)
+        poller.becameIdle(waiting, wantsPoll: false)
+        #expect(poller.pollIdleConnections() == .skipped)
+    }
 }

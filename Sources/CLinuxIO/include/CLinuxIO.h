@@ -12,6 +12,11 @@ ssize_t clinuxio_pread_nowait(int fd, void *buf, size_t count, off_t offset);
 /// pwritev2 with RWF_NOWAIT: -1/EAGAIN when the write would block.
 ssize_t clinuxio_pwrite_nowait(int fd, const void *buf, size_t count, off_t offset);
 
+/// Adds O_NOATIME to an open descriptor's status flags (fcntl F_SETFL), so reads do
+/// not update the file's access time. Returns 0 or an errno value (EPERM when the
+/// caller neither owns the file nor has CAP_FOWNER).
+int clinuxio_set_noatime(int fd);
+
 /// fallocate(PUNCH_HOLE|KEEP_SIZE).
 int clinuxio_punch_hole(int fd, off_t offset, off_t length);
 
@@ -61,6 +66,10 @@ int clinuxio_drop_written(int fd, off_t offset, off_t length);
 
 /// True when the fd refers to a block device.
 int clinuxio_is_block_device(int fd);
+
+/// Gives the heap's free memory back to the system (malloc_trim(0)): after buffers kept
+/// on the heap by clinuxio_keep_large_allocations were freed for good.
+void clinuxio_release_free_memory(void);
 
 /// Serves allocations up to `threshold` bytes from the heap instead of fresh mmaps, and
 /// keeps freed heap memory for reuse: large read replies then cost no page faults.

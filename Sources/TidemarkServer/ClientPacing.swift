@@ -1,0 +1,28 @@
+/// Whether a client waits for each reply before it sends its next request, as a
+/// queue-depth-1 client does: only such a client is sped up by idle polling.
+///
+/// A client that pipelines keeps requests coming while earlier ones are answered, so the
+/// loop's wake-up is off its path. Polling for it would spend the core between its
+/// bursts and make the server take its requests one at a time rather than in batches:
+/// at QD32 that cost 8–10% more server CPU per I/O for no gain in IOPS. A socket read that
+/// brings two or more requests at once shows pipelining; polling is offered again only
+/// after ``probation`` reads in a row brought one request each.
+struct ClientPacing: Sendable, Equatable {
+    /// Reads of one request each that must follow the last pipelined one.
+    static let probation = 16
+
+    private var singleReadsToGo = 0
+
+    /// One socket read (all that `channelRead` delivered before `channelReadComplete`) was
+    /// decoded into `requests` requests.
+    mutating func readCompleted(requests: Int) {
+        if requests > 1 {
+            singleReadsToGo = Self.probation
+        } else if requests == 1, singleReadsToGo > 0 {
+            singleReadsToGo -= 1
+        }
+    }
+
+    /// True while nothing says the client pipelines: its idle moments are worth a poll.
+    var waitsForEachReply: Bool { singleReadsToGo == 0 }
+}
