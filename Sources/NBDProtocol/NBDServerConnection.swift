@@ -119,7 +119,8 @@ public final class NBDServerConnection {
     public var isWithinRequest: Bool { phase == .transmission && decoder.isWithinRequest }
 
     /// The size of the request at the front of `input` when it is a WRITE whose payload
-    /// will be kept (its payload alone once the header was taken), so its buffer can be allocated once (see ``NBDRequestDecoder/bytesNeeded(in:)``).
+    /// will be kept (its payload alone once the header was taken), so its buffer can be
+    /// allocated once (see ``NBDRequestDecoder/bytesNeeded(in:)``).
     public func bytesNeeded(in input: ByteBuffer) -> Int? {
         phase == .transmission ? decoder.bytesNeeded(in: input) : nil
     }

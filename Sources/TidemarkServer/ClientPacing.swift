@@ -2,11 +2,12 @@
 /// queue-depth-1 client does: only such a client is sped up by idle polling.
 ///
 /// A client that pipelines keeps requests coming while earlier ones are answered, so the
-/// loop's wake-up is off its path. Polling for it would spend the core between its
-/// bursts and make the server take its requests one at a time rather than in batches:
-/// at QD32 that cost 8–10% more server CPU per I/O for no gain in IOPS. A socket read that
-/// brings two or more requests at once shows pipelining; polling is offered again only
-/// after ``probation`` reads in a row brought one request each.
+/// loop's wake-up is off its path. Polling for it spends the core between its bursts and
+/// makes the server take its requests a few at a time rather than in batches: under fio
+/// at QD32 the loop polled about once every two requests (199,396 polls in 3 s at 150k
+/// IOPS), against 1,450 with this rule. A socket read that brings two or more requests
+/// at once shows pipelining; polling is offered again only after ``probation`` reads in
+/// a row brought one request each.
 struct ClientPacing: Sendable, Equatable {
     /// Reads of one request each that must follow the last pipelined one.
     static let probation = 16
