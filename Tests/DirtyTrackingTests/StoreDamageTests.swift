@@ -207,16 +207,15 @@ struct StoreDamageTests {
             if mounted { try? Self.run("/usr/bin/umount", [path]) }
         }
 
-        /// Fills the file system with a filler file, to the last block.
+        /// Fills the file system with a filler file, to the last block. The descriptor is
+        /// close-on-exec: a process another test starts meanwhile must not inherit it, or
+        /// it keeps the removed filler's blocks in use and `free()` frees nothing.
         func fill() throws {
-            let filler = path + "/filler"
-            FileManager.default.createFile(atPath: filler, contents: nil)
-            let handle = try #require(FileHandle(forWritingAtPath: filler))
-            defer { try? handle.close() }
-            let chunk = Data(repeating: 0x55, count: 4096)
-            while true {
-                do { try handle.write(contentsOf: chunk) } catch { break }
-            }
+            let descriptor = open(path + "/filler", O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
+            guard descriptor >= 0 else { throw TestFailure("cannot create the filler: errno \(errno)") }
+            defer { close(descriptor) }
+            let chunk = [UInt8](repeating: 0x55, count: 4096)
+            while chunk.withUnsafeBytes({ write(descriptor, $0.baseAddress, $0.count) }) > 0 {}
         }
 
         func free() throws { try FileManager.default.removeItem(atPath: path + "/filler") }
