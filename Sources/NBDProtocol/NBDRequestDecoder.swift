@@ -31,9 +31,15 @@ public struct NBDRequestDecoder {
 
     /// The header layout requests arrive in.
     public let framing: NBDFraming
-    private var draining: (request: NBDRequest, remaining: Int)?
-    /// A WRITE whose header was consumed; the front of the input is its payload.
-    private var awaitingPayload: (request: NBDRequest, length: Int)?
+    /// A request whose header was taken while its payload is still to come: the front of
+    /// the input is that payload.
+    private enum PayloadInProgress {
+        /// A WRITE's, sliced out whole once all `length` bytes are there.
+        case kept(NBDRequest, length: Int)
+        /// One too large to keep, or on a command that takes none: dropped as it arrives.
+        case drained(NBDRequest, remaining: Int)
+    }
+    private var payloadInProgress: PayloadInProgress?
 
     public init(framing: NBDFraming = .compact) {
         self.framing = framing
@@ -71,8 +77,12 @@ public struct NBDRequestDecoder {
     /// header and payload, or the payload alone once the header was taken.
     /// Lets the caller size its receive buffer for a large WRITE in one allocation.
     public func bytesNeeded(in buffer: ByteBuffer) -> Int? {
-        if let awaitingPayload { return awaitingPayload.length }
-        guard draining == nil, let header = header(in: buffer),
+        switch payloadInProgress {
+        case .kept(_, let length): return length
+        case .drained: return nil
+        case nil: break
+        }
+        guard let header = header(in: buffer),
             // A header with a bad magic ends the connection: never reserve (or wait for) the
             // payload it claims.
             header.magic == framing.requestMagic, header.type == NBDCommandType.write.rawValue
@@ -89,9 +99,12 @@ public struct NBDRequestDecoder {
     /// Lets the caller top up a message split across two socket reads with just the
     /// bytes it lacks, instead of appending the whole second read.
     public func bytesMissing(in buffer: ByteBuffer) -> Int? {
-        guard draining == nil else { return nil }
         let available = buffer.readableBytes
-        if let awaitingPayload { return max(0, awaitingPayload.length - available) }
+        switch payloadInProgress {
+        case .kept(_, let length): return max(0, length - available)
+        case .drained: return nil
+        case nil: break
+        }
         let headerSize = framing.requestHeaderSize
         guard available >= headerSize else { return headerSize - available }
         guard let needed = bytesNeeded(in: buffer) else { return 0 }
@@ -101,26 +114,27 @@ public struct NBDRequestDecoder {
     /// True between a request's first byte being taken and its last: a WRITE's header
     /// without all its payload, or an oversized payload being drained. The input buffer
     /// may then be empty while a request is still partly received.
-    public var isWithinRequest: Bool { awaitingPayload != nil || draining != nil }
+    public var isWithinRequest: Bool { payloadInProgress != nil }
 
     /// Decodes at most one request from `buffer`.
     public mutating func decode(_ buffer: inout ByteBuffer) -> Result {
-        if let (request, length) = awaitingPayload {
+        switch payloadInProgress {
+        case .kept(var request, let length):
             guard buffer.readableBytes >= length else { return .needMoreData }
-            var complete = request
-            complete.payload = buffer.readSlice(length: length)
-            awaitingPayload = nil
-            return .request(complete)
-        }
-        if let (request, remaining) = draining {
+            request.payload = buffer.readSlice(length: length)
+            payloadInProgress = nil
+            return .request(request)
+        case .drained(let request, let remaining):
             let take = min(remaining, buffer.readableBytes)
             buffer.moveReaderIndex(forwardBy: take)
             if take == remaining {
-                draining = nil
+                payloadInProgress = nil
                 return .request(request)
             }
-            draining = (request, remaining - take)
+            payloadInProgress = .drained(request, remaining: remaining - take)
             return .needMoreData
+        case nil:
+            break
         }
         guard let header = header(in: buffer) else { return .needMoreData }
         guard header.magic == framing.requestMagic else { return .protocolViolation(.badMagic(header.magic)) }
@@ -140,26 +154,18 @@ public struct NBDRequestDecoder {
         if payload > UInt64(NBDLimits.maximumDrainedPayload) {
             return .protocolViolation(.payloadTooLarge(payload))
         }
+        buffer.moveReaderIndex(forwardBy: headerSize)
         if !isWrite {
             // Only reachable with extended headers: no command but WRITE takes a payload here.
-            buffer.moveReaderIndex(forwardBy: headerSize)
             request.defect = .unexpectedPayload(payload)
-            draining = (request, Int(payload))
-            return decode(&buffer)
-        }
-        if payload > UInt64(NBDLimits.maximumPayload) {
-            buffer.moveReaderIndex(forwardBy: headerSize)
+            payloadInProgress = .drained(request, remaining: Int(payload))
+        } else if payload > UInt64(NBDLimits.maximumPayload) {
             request.payloadDiscarded = true
-            draining = (request, Int(payload))
-            return decode(&buffer)
+            payloadInProgress = .drained(request, remaining: Int(payload))
+        } else {
+            payloadInProgress = .kept(request, length: Int(payload))
         }
-        buffer.moveReaderIndex(forwardBy: headerSize)
-        guard buffer.readableBytes >= Int(payload) else {
-            awaitingPayload = (request, Int(payload))
-            return .needMoreData
-        }
-        request.payload = buffer.readSlice(length: Int(payload))
-        return .request(request)
+        return decode(&buffer)
     }
 }
 
