@@ -19,9 +19,10 @@ final class CredentialReloader: Sendable {
     private let box: SourceBox
 
     init(credentials: TLSServerCredentials, logger: Logger) {
+        // SIGHUP's default action ends the process: ignored until the source is
+        // registered, so a reload asked for during the start is dropped, not fatal.
         signal(SIGHUP, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
-        source.setEventHandler {
+        let source = SignalSource.watching(SIGHUP) {
             do {
                 try credentials.reload()
                 logger.info(
@@ -32,7 +33,6 @@ final class CredentialReloader: Sendable {
                     metadata: ["event": "tls.reload_failed", "reason": "\(error)"])
             }
         }
-        source.resume()
         box = SourceBox(source: source)
     }
 

@@ -246,6 +246,9 @@ struct ServeCommand: AsyncParsableCommand {
             LogLineHandler(label: label, level: level, encoder: encoder, output: output)
         }
         let logger = Logger(label: "tidemark")
+        // First of all, so a SIGINT or SIGTERM during a long start (bitmap stores being
+        // loaded) stops the server cleanly once it is up rather than killing it midway.
+        let shutdown = ShutdownTrigger(signals: [SIGINT, SIGTERM])
         // Before anything is opened: the connection cap is computed from it at start.
         let descriptors = DescriptorLimit.raiseSoftLimit()
         let notifications = ServiceNotifications.fromEnvironment(logger: logger)
@@ -285,7 +288,6 @@ struct ServeCommand: AsyncParsableCommand {
         let metricsListener = try metrics.map { try MetricsListener(parsing: $0) }
         let serverMetrics = metricsListener.map { _ in MetricsListener.bootstrap() }
         let server = NBDServer(configuration: configuration, registry: registry, metrics: serverMetrics?.0, logger: logger)
-        let shutdown = ShutdownTrigger(signals: [SIGINT, SIGTERM])
         let bound = try await server.start()
         let controlGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let controlPlane = ControlPlane(

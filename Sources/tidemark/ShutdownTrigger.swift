@@ -20,11 +20,12 @@ final class ShutdownTrigger: Sendable {
         let (stream, continuation) = AsyncStream<String>.makeStream()
         self.stream = stream
         self.continuation = continuation
+        // No SIG_IGN first: until a source is registered a signal keeps its default
+        // action and ends the process, where an ignored one would be lost for good.
         self.sources = signals.map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { continuation.yield(number == SIGINT ? "SIGINT" : "SIGTERM") }
-            source.resume()
+            let source = SignalSource.watching(number) {
+                continuation.yield(number == SIGINT ? "SIGINT" : "SIGTERM")
+            }
             return DispatchSourceSignalBox(source: source)
         }
     }

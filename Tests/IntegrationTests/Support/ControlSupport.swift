@@ -436,8 +436,7 @@ enum ControlPrograms {
         let deadline = Date().addingTimeInterval(timeout)
         while process.isRunning && Date() < deadline { usleep(5_000) }
         if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+            process.killTree()
             throw HarnessError(
                 "`\(command)` did not finish within \(Int(timeout)) s; stderr:\n"
                     + ((try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""))

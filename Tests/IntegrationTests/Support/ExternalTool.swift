@@ -77,8 +77,7 @@ enum ExternalTool {
             usleep(5_000)
         }
         if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+            process.killTree()
             try? out.close()
             try? err.close()
             let partial = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""

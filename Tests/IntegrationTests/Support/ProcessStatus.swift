@@ -22,6 +22,39 @@ enum ProcessStatus {
         return kib * 1024
     }
 
+    /// Whether the process has a handler installed for `signal` (`SigCgt`).
+    static func catches(_ signal: Int32, pid: Int32) throws -> Bool {
+        try signalMask("SigCgt", of: pid) & (UInt64(1) << UInt64(signal - 1)) != 0
+    }
+
+    /// Whether the process ignores `signal` (`SigIgn`): one sent now would be lost.
+    static func ignores(_ signal: Int32, pid: Int32) throws -> Bool {
+        try signalMask("SigIgn", of: pid) & (UInt64(1) << UInt64(signal - 1)) != 0
+    }
+
+    private static func signalMask(_ field: String, of pid: Int32) throws -> UInt64 {
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }),
+            let mask = UInt64(line.dropFirst(field.count + 1).trimmingCharacters(in: .whitespaces), radix: 16)
+        else { throw HarnessError("no \(field) in /proc/\(pid)/status") }
+        return mask
+    }
+
+    /// The processes whose parent is `pid` (from `/proc/*/stat`).
+    static func children(of pid: Int32) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { entry -> Int32? in
+            guard let child = Int32(entry),
+                let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+                // The command name may hold spaces and parentheses: fields follow the last ")".
+                let close = stat.lastIndex(of: ")")
+            else { return nil }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 1, Int32(fields[1]) == pid else { return nil }
+            return child
+        }
+    }
+
     /// The soft and hard `Max open files` limits.
     static func openFileLimits(of pid: Int32) throws -> (soft: Int, hard: Int) {
         let limits = try String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8)
