@@ -212,15 +212,22 @@ struct GracefulStopTests {
         withExtendedLifetime((idle, negotiating)) {}
     }
 
+    /// Starts `tidemark serve` on a small image and returns at once, before the server
+    /// has announced anything; the directory holds the image and socket while it runs.
+    static func startWithoutWaiting() throws -> (TestDirectory, TidemarkProcess) {
+        let directory = try TestDirectory()
+        let image = directory.file("disk.raw")
+        try ImageFile.createSparse(image, size: 1 << 20)
+        let server = try TidemarkProcess(
+            arguments: ["serve", image, "--unix", directory.socketPath], directory: directory, expectedListeners: 0)
+        return (directory, server)
+    }
+
     @Test("a SIGTERM at any moment of the start ends the server; none is lost while its handler is set up")
     func sigtermDuringStart() throws {
         var graceful = 0
         for round in 0..<40 {
-            let directory = try TestDirectory()
-            let image = directory.file("disk.raw")
-            try ImageFile.createSparse(image, size: 1 << 20)
-            let server = try TidemarkProcess(
-                arguments: ["serve", image, "--unix", directory.socketPath], directory: directory, expectedListeners: 0)
+            let (directory, server) = try Self.startWithoutWaiting()
             // 0 to 120 ms after the spawn (a debug build announces its listener after
             // about 20 ms): before, during and after the handlers' setup.
             usleep(UInt32(round) * 3_000 + UInt32.random(in: 0..<3_000))
@@ -230,6 +237,7 @@ struct GracefulStopTests {
             let killed = TidemarkProcess.Termination(exited: false, status: SIGTERM)
             #expect(termination == .success || termination == killed, "round \(round): \(termination)\n\(server.serverLog)")
             if termination == .success { graceful += 1 }
+            withExtendedLifetime(directory) {}
         }
         #expect(graceful > 0, "no round reached the handler")
     }
@@ -241,11 +249,7 @@ struct GracefulStopTests {
     @Test("SIGTERM and SIGINT are never ignored during the start, and have their handlers once it announces a listener")
     func signalsNeverIgnoredDuringStart() throws {
         for _ in 0..<5 {
-            let directory = try TestDirectory()
-            let image = directory.file("disk.raw")
-            try ImageFile.createSparse(image, size: 1 << 20)
-            let server = try TidemarkProcess(
-                arguments: ["serve", image, "--unix", directory.socketPath], directory: directory, expectedListeners: 0)
+            let (directory, server) = try Self.startWithoutWaiting()
             let pid = server.process.processIdentifier
             let deadline = Date().addingTimeInterval(30)
             var samples = 0
@@ -264,6 +268,7 @@ struct GracefulStopTests {
             #expect(try ProcessStatus.catches(SIGTERM, pid: pid))
             #expect(try ProcessStatus.catches(SIGINT, pid: pid))
             #expect(try server.stop() == .success)
+            withExtendedLifetime(directory) {}
         }
     }
 }
