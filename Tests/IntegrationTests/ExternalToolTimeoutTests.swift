@@ -24,7 +24,9 @@ struct ExternalToolTimeoutTests {
             "\(error)".contains("did not finish within 1 s")
         }
         let elapsed = Date().timeIntervalSince(started)
-        if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let orphan = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+        if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+            let orphan = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
+        {
             kill(orphan, SIGKILL)
         } else {
             Issue.record("the orphan's pid was not written")
