@@ -49,7 +49,7 @@ final class BackgroundProgram: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(timeout)
         while process.isRunning && Date() < deadline { usleep(5_000) }
         if process.isRunning {
-            kill()
+            process.killTree()
             throw HarnessError("`\(command)` did not finish within \(Int(timeout)) s")
         }
         process.waitUntilExit()

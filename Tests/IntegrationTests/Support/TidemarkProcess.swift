@@ -99,8 +99,7 @@ final class TidemarkProcess: @unchecked Sendable {
                         + "(\(termination)); stdout:\n\(output)\nstderr:\n\(serverLog)")
             }
             if Date() > deadline {
-                kill(process.processIdentifier, SIGKILL)
-                process.waitUntilExit()
+                process.killTree()
                 throw HarnessError(
                     "tidemark \(arguments.joined(separator: " ")) did not announce \(expectedListeners) "
                         + "listener(s) within \(Int(startupTimeout)) s; stdout:\n\(output)\nstderr:\n\(serverLog)")
@@ -248,8 +247,7 @@ final class TidemarkProcess: @unchecked Sendable {
             usleep(5_000)
         }
         if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+            process.killTree()
             throw HarnessError("tidemark did not exit within \(Int(timeout)) s; stderr:\n\(serverLog)")
         }
         process.waitUntilExit()
